@@ -25,6 +25,7 @@ class Stage:
     ratio: float  # fraction of the image tokens still present that this stage drops, in [0, 1)
     criterion: str = "phi_sh"  # one of CRITERIA
     seed: int = 0  # seed of the `random` criterion (ignored by the others)
+    drop_all: bool = False  # drop every remaining image token (ratio ignored); for probing experiments
 
     def __post_init__(self):
         if not isinstance(self.k, int) or self.k < 1:
@@ -67,9 +68,15 @@ class Schedule:
         return Schedule(tuple(stages), name=self.name)
 
 
-def kept_count(n: int, ratio: float) -> int:
+def kept_count(n: int, ratio: float, drop_all: bool = False) -> int:
     """Tokens kept when a stage drops floor(ratio * n) of n (SPEC section 2)."""
-    return n - math.floor(ratio * n + 1e-9)
+    return 0 if drop_all else n - math.floor(ratio * n + 1e-9)
+
+
+def drop_all_from(k: int) -> Schedule:
+    """Every image token removed from layer k on (layers 0..k-1 see them): probes where visual
+    information has moved into the text tokens."""
+    return Schedule((Stage(k, 0.0, "phi_sh", drop_all=True),), name=f"drop-all@{k}")
 
 
 def image_tokens_per_layer(schedule: Schedule, n_image: int, num_layers: int) -> list[int]:
@@ -78,7 +85,8 @@ def image_tokens_per_layer(schedule: Schedule, n_image: int, num_layers: int) ->
     counts, n, stages = [], n_image, list(schedule.stages)
     for layer in range(num_layers):
         while stages and stages[0].k == layer:
-            n = kept_count(n, stages.pop(0).ratio)
+            stage = stages.pop(0)
+            n = kept_count(n, stage.ratio, stage.drop_all)
         counts.append(n)
     return counts
 
