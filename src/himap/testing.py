@@ -43,9 +43,14 @@ def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", **config_kwargs
     torch.manual_seed(seed)
     cfg = tiny_llava_config(attn_implementation=attn_implementation, **config_kwargs)
     model = LlavaForConditionalGeneration(cfg).eval()
+    _tiny_generation_config(model)
+    return model
+
+
+def _tiny_generation_config(model):
     model.generation_config.pad_token_id = PAD_TOKEN_ID
     model.generation_config.eos_token_id = None  # tiny random models: always generate max_new_tokens
-    return model
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID]  # never emit <image>, as real LLaVA
 
 
 def save_and_load(model, directory, attn_implementation: str = "sdpa"):
@@ -55,8 +60,7 @@ def save_and_load(model, directory, attn_implementation: str = "sdpa"):
     model.save_pretrained(directory)
     loaded = AutoModelForImageTextToText.from_pretrained(directory, attn_implementation=attn_implementation,
                                                          dtype=torch.float32)
-    loaded.generation_config.pad_token_id = PAD_TOKEN_ID
-    loaded.generation_config.eos_token_id = None
+    _tiny_generation_config(loaded)
     return loaded.eval()
 
 
