@@ -1,0 +1,68 @@
+"""Generate an answer for one image and prompt with a pruning method; print statistics."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_arguments(parser):
+    from himap.cli_common import add_method_arguments, add_model_arguments
+
+    add_model_arguments(parser, default=None)
+    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--prompt", required=True, help="the question or instruction")
+    add_method_arguments(parser)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--save-kept", metavar="PNG", help="draw the kept image patches of each stage")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _runs(values: list[int]) -> str:
+    """[576, 576, 288, 288] -> '576 x2, 288 x2' (a compact per-layer listing)."""
+    out, i = [], 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[i]:
+            j += 1
+        out.append(f"{values[i]} x{j - i + 1}" if j > i else str(values[i]))
+        i = j + 1
+    return ", ".join(out)
+
+
+def main(args) -> int:
+    from PIL import Image
+
+    import himap
+    from himap.cli_common import method_from_args
+    from himap.loading import build_inputs, generate_ids, load_model
+
+    schedule = method_from_args(args)
+    model, processor = load_model(args.model, args.attn, args.dtype, args.device)
+    image = Image.open(args.image).convert("RGB")
+    inputs = build_inputs(processor, [image], [args.prompt], device=model.device)
+    with himap.pruned(model, schedule) as handle:
+        new = generate_ids(model, inputs, args.max_new_tokens)
+    answer = processor.tokenizer.decode(new[0], skip_special_tokens=True).strip()
+    stats = handle.stats.to_dict()
+    if args.save_kept and stats["kept_image_indices"]:
+        from himap.overlay import kept_overlay
+
+        n = stats["image_tokens_per_layer"][0][0]
+        kept_overlay(image, n, [k[0] for k in stats["kept_image_indices"]]).save(args.save_kept)
+    if args.json:
+        print(json.dumps({"answer": answer, "method": schedule.name, "stats": stats}))
+        return 0
+    print(answer)
+    print(f"\nmethod: {schedule.name}  stages: " + (", ".join(
+        f"(K={s.k}, R={s.ratio:g}, {s.criterion})" for s in schedule.stages) or "none"))
+    print(f"tokens entering each layer: {_runs(stats['tokens_per_layer'][0])}")
+    print(f"image tokens per layer:     {_runs(stats['image_tokens_per_layer'][0])}")
+    print(f"KV cache length per layer:  {_runs(stats['kv_cache_lengths'])}")
+    for i, kept in enumerate(stats["kept_image_indices"]):
+        print(f"stage {i + 1} kept image tokens ({len(kept[0])}): {kept[0][:24]}{' ...' if len(kept[0]) > 24 else ''}")
+    print(f"ranking time: {stats['ranking_seconds'] * 1000:.2f} ms")
+    for note in stats["notes"]:
+        print(f"note: {note}")
+    if args.save_kept:
+        print(f"kept patches drawn to {args.save_kept}" if stats["kept_image_indices"] else "nothing pruned: no overlay")
+    return 0

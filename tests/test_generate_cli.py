@@ -1,0 +1,60 @@
+"""`himap generate` and himap.loading on a tiny random model saved with an offline processor."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from himap.cli import main
+from himap.loading import build_inputs, generate_texts, load_model
+from himap.offline_processor import build_processor
+from himap.testing import tiny_llava
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_with_processor")
+    tiny_llava(seed=3).save_pretrained(path)
+    build_processor(image_size=32, patch_size=4).save_pretrained(path)
+    return str(path)
+
+
+def test_generate_prints_answer_and_statistics(model_dir, shared_dir, tmp_path, capsys):
+    image = os.path.join(shared_dir, "data", "images", "waterview.jpg")
+    overlay = tmp_path / "kept.png"
+    assert main(["generate", "--model", model_dir, "--image", image, "--prompt", "What is the color of the object?",
+                 "--method", "himap", "--max-new-tokens", "4", "--save-kept", str(overlay)]) == 0
+    out = capsys.readouterr().out
+    assert "image tokens per layer:     64 x2, 32 x6, 8 x2" in out
+    assert "stage 2 kept image tokens (8)" in out
+    assert overlay.exists()
+    assert main(["generate", "--model", model_dir, "--image", image, "--prompt", "What is it?",
+                 "--method", "himap", "--k", "3", "6", "--ratio", "0.25", "0.5", "--max-new-tokens", "2",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["stats"]["image_tokens_per_layer"][0] == [64] * 3 + [48] * 3 + [24] * 4
+    assert result["method"].startswith("himap[")
+
+
+def test_batched_generation_equals_one_by_one(model_dir, shared_dir):
+    model, processor = load_model(model_dir)
+    model.generation_config.eos_token_id = None
+    images = [os.path.join(shared_dir, "data", "images", f) for f in ("waterview.jpg", "extreme_ironing.jpg")]
+    prompts = ["What is the color of the object?", "Is there a red square in the image?"]
+    inputs = build_inputs(processor, images, prompts)
+    assert inputs["attention_mask"][0, 0] == 0 or inputs["attention_mask"][1, 0] == 0  # left padded
+    import himap
+
+    with himap.pruned(model, "himap"):
+        together = generate_texts(model, processor, images, prompts, max_new_tokens=4)
+        alone = [generate_texts(model, processor, [im], [p], max_new_tokens=4)[0] for im, p in zip(images, prompts)]
+    assert together == alone
+
+
+def test_generate_rejects_bad_stage_override(model_dir, shared_dir):
+    image = os.path.join(shared_dir, "data", "images", "waterview.jpg")
+    with pytest.raises(ValueError, match="smaller than the number of decoder layers"):
+        main(["generate", "--model", model_dir, "--image", image, "--prompt", "x", "--k", "2", "12"])
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        main(["generate", "--model", model_dir, "--image", image, "--prompt", "x", "--ratio", "1.0"])
