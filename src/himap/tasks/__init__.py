@@ -1,0 +1,36 @@
+"""Benchmark tasks of the paper's section 5 (and the built-in synthetic one), one module each.
+
+    from himap.tasks import get_task
+    task = get_task("pope")
+    items = task.load("data/pope", split="random", limit=100)
+    result = task.score(items, {"10000001": "Yes, there is a snowboard."})
+
+Modules are imported only when asked for, so listing tasks stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from himap.tasks.base import DataError, Item
+
+TASKS = {
+    "scienceqa_img": "himap.tasks.scienceqa_img",
+    "aokvqa_mc": "himap.tasks.aokvqa_mc",
+    "pope": "himap.tasks.pope",
+    "nocaps": "himap.tasks.nocaps",
+    "flickr30k": "himap.tasks.flickr30k",
+    "llava_bench": "himap.tasks.llava_bench",
+    "mmvet": "himap.tasks.mmvet",
+    "shapes": "himap.tasks.shapes",
+}
+
+__all__ = ["TASKS", "get_task", "Item", "DataError"]
+
+
+def get_task(name: str):
+    """The task module registered under `name` (dashes and case are forgiven)."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in TASKS:
+        raise KeyError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    return importlib.import_module(TASKS[key])
