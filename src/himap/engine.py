@@ -108,17 +108,22 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, k
     query [B, Hq, T, D] and key [B, Hkv, T, D] are post-RoPE; GQA keys are repeated to the query
     heads before the mean. Returns [B, T, T] with the asked rows filled and zeros elsewhere.
     """
-    b, hq, t, _ = query.shape
+    b, hq, t, d = query.shape
+    hkv = key.shape[1]
     row_idx = rows.any(dim=0).nonzero().squeeze(1)  # [r] union of asked rows over the batch
     out = query.new_zeros((b, t, key.shape[2]), dtype=torch.float32)
     if row_idx.numel() == 0:
         return out
-    k = key.repeat_interleave(hq // key.shape[1], dim=1).float()  # [B, Hq, T, D]
-    logits = query[:, :, row_idx].float() @ k.transpose(-1, -2) * scaling  # [B, Hq, r, T]
+    r = row_idx.numel()
+    # GQA without repeat_kv: query head h uses key head h // (Hq / Hkv)
+    q = query[:, :, row_idx].float().reshape(b, hkv, (hq // hkv) * r, d)  # [B, Hkv, g*r, D]
+    logits = torch.matmul(q, key.float().transpose(-1, -2)).view(b, hq, r, -1)  # [B, Hq, r, T]
+    logits.mul_(scaling)
     key_pos = torch.arange(key.shape[2], device=query.device)
-    allowed = (key_pos[None, :] <= row_idx[:, None])[None] & key_valid[:, None, :]  # [B, r, T]
-    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=1)  # [B, r, T]
+    blocked = ~((key_pos[None, :] <= row_idx[:, None])[None] & key_valid[:, None, :])  # [B, r, T]
+    # a finite minimum: a row with no allowed key (padding) becomes uniform, not NaN; it is zeroed below
+    logits.masked_fill_(blocked[:, None], torch.finfo(torch.float32).min)
+    probs = torch.softmax(logits, dim=-1).mean(dim=1)  # [B, r, T]
     out[:, row_idx] = probs * rows[:, row_idx, None]
     return out
 
