@@ -99,8 +99,8 @@ def test_cli_bench(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(out[-1])  # ends with one JSON line
-    assert summary["kind"] == "summary" and set(summary["methods"]) == {"vanilla", "himap*"}
-    assert summary["methods"]["himap*"]["kv_cache_lengths"] == [71, 39, 15, 15]  # K1=1, K2=2: 64 -> 32 -> 8
+    assert summary["kind"] == "summary" and set(summary["methods"]) == {"vanilla", "himap+k=1,2"}
+    assert summary["methods"]["himap+k=1,2"]["kv_cache_lengths"] == [71, 39, 15, 15]  # K1=1, K2=2: 64 -> 32 -> 8
     assert plot.stat().st_size > 0
     assert main(["bench", "--arch", "llava-tiny-cpu"]) == 2
     assert "--random-weights" in capsys.readouterr().err

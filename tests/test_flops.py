@@ -141,7 +141,7 @@ def test_cli_json_and_table(capsys):
     assert out["methods"][2]["image_tokens_after_stages"] == [576, 288, 72]
     assert main(["flops", "--arch", "llava-1.5-7b", "--method", "himap", "--k", "3", "-"]) == 0
     table = capsys.readouterr().out
-    assert "2.986" in table and "himap*" in table
+    assert "2.986" in table and "himap+k=3,-" in table
     assert main(["flops", "--arch", "llava-1.5-7b", "--method", "nope"]) == 2
     assert "unknown method" in capsys.readouterr().err
 
@@ -206,7 +206,7 @@ def test_cli_measure(tmp_path, capsys):
                  "--k", "1", "2", "--system-tokens", "3", "--instruction-tokens", "4", "--new-tokens", "2",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [m["method"] for m in out["measured"]] == ["vanilla", "himap*"]
+    assert [m["method"] for m in out["measured"]] == ["vanilla", "himap+k=1,2"]
     for m in out["measured"]:
         assert m["measured"]["total"] == m["analytic"]["total"] > 0
     assert out["measured"][1]["tokens_per_layer"] == [71, 39, 15, 15]

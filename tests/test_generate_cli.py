@@ -34,7 +34,7 @@ def test_generate_prints_answer_and_statistics(model_dir, shared_dir, tmp_path, 
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["stats"]["image_tokens_per_layer"][0] == [64] * 3 + [48] * 3 + [24] * 4
-    assert result["method"].startswith("himap[")
+    assert result["method"] == "himap+k=3,6+ratio=0.25,0.5"
 
 
 def test_batched_generation_equals_one_by_one(model_dir, shared_dir):

@@ -1,41 +1,118 @@
-"""Flags shared by several commands: the pruning method with per-stage overrides, and model
-loading. One source of truth: defaults come from himap.schedule.PRESETS."""
+"""Flags shared by several commands: methods with per-stage overrides, and model loading.
+
+One source of truth: schedules come from himap.schedule.PRESETS and himap.ablations, overrides
+from `--k / --ratio / --criterion` parsed here for every command.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from himap.schedule import CRITERIA, PRESETS, Schedule, get_schedule, with_overrides
+from himap.schedule import CRITERIA, PRESETS, Schedule, with_overrides
+
+METHOD_HELP = (f"comma-separated presets ({', '.join(PRESETS)}), ablation names (uniform@himap, "
+               "deep-only@himap, k1=3-r1=0.25@himap, crit=embed_norm@himap, ...) or groups (all@himap)")
 
 
-def add_method_arguments(parser: argparse.ArgumentParser, multiple: bool = False) -> None:
-    """--method plus --k / --ratio / --criterion overriding stage 1, 2, ... of the preset."""
-    names = ", ".join(PRESETS)
-    if multiple:
-        parser.add_argument("--methods", default="vanilla,fastv,himap",
-                            help=f"comma-separated presets ({names})")
-    else:
-        parser.add_argument("--method", default="himap", help=f"preset name ({names})")
-    parser.add_argument("--k", type=int, nargs="+", metavar="K",
-                        help="override the stages' layers K (K1 [K2 ...]); layer K-1 ranks")
-    parser.add_argument("--ratio", type=float, nargs="+", metavar="R",
-                        help="override the stages' drop ratios R in [0, 1) (R1 [R2 ...])")
-    parser.add_argument("--criterion", nargs="+", choices=CRITERIA, metavar="PHI",
-                        help=f"override the stages' criteria ({', '.join(CRITERIA)})")
+def add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    """--k / --ratio / --criterion: override stage 1, 2, ... by position ('-' keeps a value)."""
+    parser.add_argument("--k", nargs="+", metavar="K",
+                        help="override the stages' layers K (K1 [K2 ...]); layer K-1 ranks; '-' keeps one")
+    parser.add_argument("--ratio", nargs="+", metavar="R",
+                        help="override the stages' drop ratios R in [0, 1) (R1 [R2 ...]); '-' keeps one")
+    parser.add_argument("--criterion", nargs="+", metavar="PHI",
+                        help=f"override the stages' criteria ({', '.join(CRITERIA)}); '-' keeps one")
 
 
-def method_from_args(args: argparse.Namespace, name: str | None = None) -> Schedule:
-    """The schedule named by --method (or `name`) with the stage overrides applied."""
-    schedule = get_schedule(name or args.method)
-    overridden = with_overrides(schedule, args.k, args.ratio, args.criterion)
-    if overridden != schedule:
-        label = schedule.name + "[" + ",".join(f"K{s.k}R{s.ratio:g}{s.criterion}" for s in overridden.stages) + "]"
-        overridden = Schedule(overridden.stages, name=label)
-    return overridden
+def parse_overrides(values, cast, flag: str):
+    """['3', '-'] -> [3, None] ('-' keeps that stage's value); None when the flag is absent."""
+    if not values:
+        return None
+    out = []
+    for v in values:
+        if v in ("-", "none", "None"):
+            out.append(None)
+            continue
+        try:
+            out.append(cast(v))
+        except ValueError:
+            raise ValueError(f"{flag} expects {cast.__name__} values or '-', got {v!r}") from None
+    return out
 
 
-def methods_from_args(args: argparse.Namespace) -> list[Schedule]:
-    return [method_from_args(args, n.strip()) for n in args.methods.split(",") if n.strip()]
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """{"k": [...] | None, "ratio": ..., "criterion": ...} from parsed flags."""
+    return {"k": parse_overrides(getattr(args, "k", None), int, "--k"),
+            "ratio": parse_overrides(getattr(args, "ratio", None), float, "--ratio"),
+            "criterion": parse_overrides(getattr(args, "criterion", None), str, "--criterion")}
+
+
+def override_name(name: str, k=None, ratio=None, criterion=None) -> str:
+    """A method name recording its overrides, safe as a file name: himap+k=3,8+ratio=-,0.5."""
+    parts = [f"{flag}={','.join('-' if v is None else f'{v:g}' if isinstance(v, float) else str(v) for v in vals)}"
+             for flag, vals in (("k", k), ("ratio", ratio), ("criterion", criterion)) if vals]
+    return "+".join([name] + parts)
+
+
+def resolve_methods(spec: str, shape=None, overrides: dict | None = None, default: str | None = None,
+                    single_override: bool = False) -> list[Schedule]:
+    """Schedules for a comma-separated method spec.
+
+    `shape` (himap.ablations.ModelShape) is needed by model-dependent ablations (uniform@B);
+    `default` replaces the name 'default' (a task's default method); `overrides` apply to every
+    method that prunes, or raise when `single_override` and several methods are listed.
+    """
+    from himap.ablations import expand, resolve
+
+    names = []
+    for raw in (m.strip() for m in spec.split(",")):
+        if not raw:
+            continue
+        if default is not None:
+            raw = default if raw == "default" else raw.replace("@default", f"@{default}")
+        names += [n for n in expand(raw) if n not in names]
+    if not names:
+        raise ValueError("no method given")
+    overrides = {k: v for k, v in (overrides or {}).items() if v}
+    if overrides and single_override and len(names) != 1:
+        raise ValueError("--k/--ratio/--criterion apply to a single method")
+    schedules = []
+    for name in names:
+        s = Schedule(resolve(name, shape).stages, name=name)
+        if overrides and s.stages:
+            s = Schedule(with_overrides(s, **overrides).stages, name=override_name(name, **overrides))
+        if shape is not None:
+            s.validate_for(shape.num_layers)
+        schedules.append(s)
+    return schedules
+
+
+def model_shape(arch):
+    """himap.ablations.ModelShape of a himap.flops.Arch (paper-convention cost for uniform@B)."""
+    from himap.ablations import ModelShape
+    from himap.flops import paper_flops
+
+    return ModelShape(arch.image_tokens, arch.num_layers, cost_fn=lambda s: paper_flops(arch, s))
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """--method (one method) plus the stage overrides."""
+    parser.add_argument("--method", default="himap", help="one method: " + METHOD_HELP)
+    add_override_arguments(parser)
+
+
+def method_from_args(args: argparse.Namespace, config=None) -> Schedule:
+    """The one schedule named by --method with overrides; `config` (a model config) resolves
+    model-dependent ablation names."""
+    shape = None
+    if config is not None:
+        from himap.flops import Arch
+
+        shape = model_shape(Arch.from_config(config))
+    schedules = resolve_methods(args.method, shape, overrides_from_args(args), single_override=True)
+    if len(schedules) != 1:
+        raise ValueError(f"--method names {len(schedules)} methods; give one")
+    return schedules[0]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = "builtin") -> None:

@@ -301,6 +301,9 @@ def _prefill(lm, handle: PruneHandle, ids, hidden, mask2d, position_ids, cache, 
 def _greedy_loss_grad(lm, handle, hidden, layers, mask, pos_emb):
     """dL/dh for h entering layer K, L the cross-entropy of the model's own greedy next token,
     through the remaining layers run without cache (gradient criterion)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("the gradient criterion needs autograd: run under torch.no_grad(), "
+                           "not torch.inference_mode()")
     with torch.enable_grad():
         h0 = hidden.detach().requires_grad_(True)
         h = _run_layers(lm, h0, layers, mask, pos_emb, None, None, False, {})

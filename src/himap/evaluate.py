@@ -407,13 +407,11 @@ def model_predictor(model, processor, schedule: Schedule, max_new_tokens: int):
     """A PredictBatch that generates greedily with `model` pruned by `schedule` (himap.pruned),
     through himap.loading (chat template, left padding), recording each item's token counts (for
     the full FLOPs count) and its share of the batch's wall-clock time."""
-    import torch
 
     import himap
     from himap.loading import build_inputs, generate_ids
     from himap.tokens import token_sets
 
-    needs_grad = any(s.criterion == "gradient" for s in schedule.stages)  # SPEC: |h . dL/dh|
     image_token_id = model.config.image_token_id
     tokenizer = getattr(processor, "tokenizer", processor)
     eos = model.generation_config.eos_token_id
@@ -428,14 +426,7 @@ def model_predictor(model, processor, schedule: Schedule, max_new_tokens: int):
         start = time.perf_counter()
         images = [image_of(it) for it in items] if has_image == {True} else None
         inputs = build_inputs(processor, images, [it.prompt for it in items], device=model.device)
-        if needs_grad:  # generate_ids runs under inference_mode, where no autograd is possible
-            if "pixel_values" in inputs:
-                inputs = {**inputs, "pixel_values": inputs["pixel_values"].to(model.dtype)}
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            new = out[:, inputs["input_ids"].shape[1]:].cpu()  # [B, new]
-        else:
-            new = generate_ids(model, inputs, max_new_tokens).cpu()  # [B, new]
+        new = generate_ids(model, inputs, max_new_tokens).cpu()  # [B, new]
         texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
         seconds = time.perf_counter() - start
         sets = token_sets(inputs["input_ids"].cpu(), image_token_id, inputs["attention_mask"].cpu())

@@ -88,7 +88,7 @@ def generate_ids(model, inputs: dict, max_new_tokens: int = 16, **generate_kwarg
 
     if "pixel_values" in inputs:
         inputs = {**inputs, "pixel_values": inputs["pixel_values"].to(model.dtype)}
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: the gradient criterion needs autograd inside
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
     return out[:, inputs["input_ids"].shape[1]:]
 

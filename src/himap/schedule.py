@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 CRITERIA = ("phi_sh", "phi_dp", "phi_dp_row", "phi_last", "random", "embed_norm", "gradient")
 """Names of the ranking criteria (see himap.criteria). `gradient` needs autograd at layer K-1."""

@@ -27,7 +27,7 @@ def add_arguments(parser) -> None:
                         help="random weights of the architecture's size (with --model: its config only)")
     parser.add_argument("--methods", default=",".join(_DEFAULT.methods),
                         help="comma-separated presets or ablation names, run round-robin")
-    from himap.commands.flops import add_override_arguments
+    from himap.cli_common import add_override_arguments
 
     add_override_arguments(parser)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")

@@ -30,9 +30,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--method", default="vanilla,default",
                         help="comma-separated presets, ablation names (uniform@himap, ...) or groups "
                         "(all@himap); 'default' is the task's default method")
-    parser.add_argument("--k", nargs="+", metavar="K", help="override stage K values by position ('-' keeps one)")
-    parser.add_argument("--ratio", nargs="+", metavar="R", help="override stage ratios (fractions, '-' keeps one)")
-    parser.add_argument("--criterion", nargs="+", metavar="C", help="override stage criteria ('-' keeps one)")
+    from himap.cli_common import add_override_arguments
+
+    add_override_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
     parser.add_argument("--batch-size", type=int, default=1, help="items per generate call")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
@@ -54,64 +54,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="variable holding the judge API key")
 
 
-def parse_overrides(values, cast, flag: str):
-    """['3', '-'] -> [3, None] ('-' keeps that stage's value)."""
-    if not values:
-        return None
-    out = []
-    for v in values:
-        if v in ("-", "none", "None"):
-            out.append(None)
-            continue
-        try:
-            out.append(cast(v))
-        except ValueError:
-            raise ValueError(f"{flag} expects {cast.__name__} values or '-', got {v!r}") from None
-    return out
-
-
-def override_name(name: str, k, ratio, criterion) -> str:
-    """A method name that records its overrides, e.g. himap+k=3,8 (distinct prediction files)."""
-    parts = [f"{flag}={','.join('-' if v is None else f'{v:g}' if isinstance(v, float) else str(v) for v in vals)}"
-             for flag, vals in (("k", k), ("ratio", ratio), ("criterion", criterion)) if vals]
-    return "+".join([name] + parts)
-
-
-def resolve_methods(spec: str, task, arch, k=None, ratio=None, criterion=None):
-    """Schedules for the comma-separated method spec ('default' = task.DEFAULT_METHOD, groups
-    expanded), with stage overrides applied to a single method."""
-    from himap.ablations import ModelShape, expand, resolve
-    from himap.schedule import Schedule, with_overrides
-
-    names = []
-    for raw in (m.strip() for m in spec.split(",")):
-        if not raw:
-            continue
-        raw = task.DEFAULT_METHOD if raw == "default" else raw.replace("@default", f"@{task.DEFAULT_METHOD}")
-        names += [n for n in expand(raw) if n not in names]
-    if not names:
-        raise ValueError("no method given")
-    shape = None
-    if arch is not None:
-        from himap.flops import paper_flops
-
-        shape = ModelShape(arch.image_tokens, arch.num_layers, cost_fn=lambda s: paper_flops(arch, s))
-    overridden = bool(k or ratio or criterion)
-    if overridden and len(names) != 1:
-        raise ValueError("--k/--ratio/--criterion apply to a single --method")
-    schedules = []
-    for name in names:
-        s = Schedule(resolve(name, shape).stages, name=name)
-        if overridden:
-            s = with_overrides(s, k=k, ratio=ratio, criterion=criterion)
-            s = Schedule(s.stages, name=override_name(name, k, ratio, criterion))
-        if arch is not None:
-            s.validate_for(arch.num_layers)
-        schedules.append(s)
-    return schedules
-
-
 def main(args) -> int:
+    from himap.cli_common import model_shape, overrides_from_args, resolve_methods
     from himap.evaluate import (EvalConfig, EvalError, LazyPredictor, arch_of_model, dist_env, evaluate,
                                 pick_device)
     from himap.tasks import get_task
@@ -121,10 +65,9 @@ def main(args) -> int:
         rank, world = dist_env()
         task = get_task(args.task)
         arch = arch_of_model(args.model)
-        schedules = resolve_methods(args.method, task, arch,
-                                    parse_overrides(args.k, int, "--k"),
-                                    parse_overrides(args.ratio, float, "--ratio"),
-                                    parse_overrides(args.criterion, str, "--criterion"))
+        schedules = resolve_methods(args.method, model_shape(arch) if arch is not None else None,
+                                    overrides_from_args(args), default=task.DEFAULT_METHOD,
+                                    single_override=True)
         cfg = EvalConfig(task=task.NAME, data=args.data, split=args.split, limit=args.limit,
                          image_dir=args.image_dir, batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens, out=args.out, model=args.model,

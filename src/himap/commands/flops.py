@@ -25,6 +25,8 @@ def add_arguments(parser) -> None:
     src.add_argument("--model", metavar="PATH", help="model folder or id: its config gives the sizes")
     parser.add_argument("--method", default="fastv,himap",
                         help="preset or ablation name(s), comma-separated (vanilla is always shown)")
+    from himap.cli_common import add_override_arguments
+
     add_override_arguments(parser)
     parser.add_argument("--system-tokens", type=int, default=_DEFAULT_SHAPE.n_system,
                         help="text tokens before the image, BOS included")
@@ -45,28 +47,6 @@ def add_arguments(parser) -> None:
                         help="with --measure and --model: random weights from the config (no weights needed)")
 
 
-def add_override_arguments(parser) -> None:
-    """--k / --ratio / --criterion: per-stage overrides of every listed pruning method."""
-    parser.add_argument("--k", nargs="+", metavar="K", help="override stage K values by position ('-' keeps one)")
-    parser.add_argument("--ratio", nargs="+", metavar="R", help="override stage ratios (fractions, e.g. 0.5 0.75)")
-    parser.add_argument("--criterion", nargs="+", metavar="C", help="override stage criteria")
-
-
-def _overrides(values, cast, flag):
-    if not values:
-        return None
-    out = []
-    for v in values:
-        if v in ("-", "none", "None"):
-            out.append(None)
-            continue
-        try:
-            out.append(cast(v))
-        except ValueError:
-            raise SystemExit(f"himap flops: {flag} expects {cast.__name__} values or '-', got {v!r}")
-    return out
-
-
 def load_arch(arch_name: str | None, model: str | None):
     """An Arch from a preset name or a model's config (read locally; no weights loaded)."""
     from himap.flops import Arch, get_arch
@@ -81,29 +61,14 @@ def load_arch(arch_name: str | None, model: str | None):
 
 
 def resolve_methods(names: str, arch, args=None, with_vanilla: bool = True):
-    """Schedules for comma-separated preset/ablation names, with --k/--ratio/--criterion applied;
-    vanilla first when `with_vanilla` and no listed method is unpruned."""
-    from himap.ablations import ModelShape, resolve
-    from himap.flops import paper_flops
-    from himap.schedule import with_overrides
+    """Schedules for comma-separated preset/ablation names, with --k/--ratio/--criterion applied
+    to every pruning method; vanilla first when `with_vanilla` and no listed method is unpruned."""
+    from himap.cli_common import model_shape, overrides_from_args, resolve_methods as resolve_spec
+    from himap.schedule import get_schedule
 
-    shape = ModelShape(n_image=arch.image_tokens, num_layers=arch.num_layers,
-                       cost_fn=lambda s: paper_flops(arch, s))
-    methods = [m.strip() for m in names.split(",") if m.strip()]
-    if not methods:
-        raise ValueError("no method given")
-    k = _overrides(getattr(args, "k", None), int, "--k")
-    ratio = _overrides(getattr(args, "ratio", None), float, "--ratio")
-    criterion = _overrides(getattr(args, "criterion", None), str, "--criterion")
-    schedules = []
-    for name in methods:
-        s = resolve(name, shape)
-        if (k or ratio or criterion) and s.stages:  # overrides apply to every pruning method listed
-            s = with_overrides(s, k=k, ratio=ratio, criterion=criterion)
-            s = type(s)(s.stages, name=f"{name}*")
-        schedules.append(s)
+    schedules = resolve_spec(names, model_shape(arch), overrides_from_args(args) if args else None)
     if with_vanilla and all(s.stages for s in schedules):
-        schedules.insert(0, resolve("vanilla"))
+        schedules.insert(0, get_schedule("vanilla"))
     return schedules
 
 

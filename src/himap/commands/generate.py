@@ -36,8 +36,8 @@ def main(args) -> int:
     from himap.cli_common import method_from_args
     from himap.loading import build_inputs, generate_ids, load_model
 
-    schedule = method_from_args(args)
     model, processor = load_model(args.model, args.attn, args.dtype, args.device)
+    schedule = method_from_args(args, model.config)
     image = Image.open(args.image).convert("RGB")
     inputs = build_inputs(processor, [image], [args.prompt], device=model.device)
     with himap.pruned(model, schedule) as handle:
