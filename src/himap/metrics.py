@@ -121,3 +121,15 @@ def accuracy(correct: list[bool]) -> float:
 def mean(values: list[float]) -> float:
     """Arithmetic mean; NaN for an empty list (callers report it as missing)."""
     return sum(values) / len(values) if values else math.nan
+
+
+def letter_scores(items: list, predictions: dict[str, str]) -> dict:
+    """Multiple-choice accuracy (percent) of `items` (each with .answer a letter and
+    .meta["n_options"]) under LLaVA's strict letter rule and under the lenient parser, with the
+    number of answers each could not read."""
+    out = {}
+    for rule, parse in (("llava", parse_letter_llava), ("lenient", parse_letter)):
+        letters = [parse(predictions[it.id], it.meta["n_options"]) for it in items]
+        out[rule] = accuracy([p == it.answer for p, it in zip(letters, items)])
+        out[f"unparsed_{rule}"] = sum(p is None for p in letters)
+    return out

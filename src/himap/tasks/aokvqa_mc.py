@@ -87,12 +87,11 @@ def score(items: list[Item], predictions: dict[str, str], **_) -> dict:
         raise DataError("A-OKVQA items without correct_choice_idx (the test split) cannot be "
                         "scored locally; submit to the A-OKVQA leaderboard or use split val")
     _, missing = matched(items, predictions)
-    lenient = [metrics.parse_letter(predictions[it.id], it.meta["n_options"]) for it in have]
-    strict = [metrics.parse_letter_llava(predictions[it.id], it.meta["n_options"]) for it in have]
+    scores = metrics.letter_scores(have, predictions)
     return {
-        "accuracy": metrics.accuracy([p == it.answer for p, it in zip(lenient, have)]),
-        "accuracy_llava_rule": metrics.accuracy([p == it.answer for p, it in zip(strict, have)]),
-        "unparsed": sum(p is None for p in lenient),
+        "accuracy": scores["lenient"],
+        "accuracy_llava_rule": scores["llava"],
+        "unparsed": scores["unparsed_lenient"],
         "n": len(have),
         "missing": len(missing),
     }

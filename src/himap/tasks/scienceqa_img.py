@@ -89,12 +89,11 @@ def score(items: list[Item], predictions: dict[str, str], **_) -> dict:
     unparsed: answers LLaVA's rule could not read."""
     have = require_predictions(items, predictions, NAME)
     _, missing = matched(items, predictions)
-    strict = [metrics.parse_letter_llava(predictions[it.id], it.meta["n_options"]) for it in have]
-    lenient = [metrics.parse_letter(predictions[it.id], it.meta["n_options"]) for it in have]
+    scores = metrics.letter_scores(have, predictions)
     return {
-        "accuracy": metrics.accuracy([p == it.answer for p, it in zip(strict, have)]),
-        "accuracy_lenient": metrics.accuracy([p == it.answer for p, it in zip(lenient, have)]),
-        "unparsed": sum(p is None for p in strict),
+        "accuracy": scores["llava"],
+        "accuracy_lenient": scores["lenient"],
+        "unparsed": scores["unparsed_llava"],
         "n": len(have),
         "missing": len(missing),
     }
