@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 
 def add_arguments(parser) -> None:
@@ -31,8 +32,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mix", default=None,
                         help='kind weights as JSON, e.g. \'{"mc": 0.4, "pope": 0.4, "word": 0.2}\'')
     for f in dataclasses.fields(ModelConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default,
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                             help=f"model size (default {f.default})")
+    from himap.synthetic import SyntheticConfig
+
+    parser.add_argument("--max-objects", type=int, default=SyntheticConfig.max_objects,
+                        help="objects per image at most (himap.synthetic.SyntheticConfig)")
+    parser.add_argument("--pope-query", default=SyntheticConfig.pope_query, choices=("pair", "attribute"),
+                        help="POPE questions name a colour + shape pair or one attribute")
+    parser.add_argument("--mc-options", default=SyntheticConfig.mc_options, choices=("fixed", "shuffled"),
+                        help="multiple-choice options in canonical order or shuffled")
     parser.add_argument("--install", action="store_true",
                         help="copy OUT/best into the package (himap/builtin/model) with a model card")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -68,7 +77,13 @@ def main(args) -> int:
     bad = [k for k in cfg.mix if k not in synthetic.KINDS]
     if bad:
         raise SystemExit(f"unknown kinds in --mix: {bad}; choose from {synthetic.KINDS}")
-    summary = train(cfg, progress=not args.quiet)
+    import platform
+    import sys
+
+    info = {"argv": sys.argv[1:], "machine": f"{platform.machine()} {os.cpu_count()} CPU cores"}
+    data_cfg = synthetic.SyntheticConfig(max_objects=args.max_objects, pope_query=args.pope_query,
+                                         mc_options=args.mc_options)
+    summary = train(cfg, data_cfg, progress=not args.quiet, extra_info=info)
     if args.install:
         from himap.builtin import install
 
