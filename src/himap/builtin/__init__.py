@@ -53,6 +53,11 @@ def install(checkpoint: str, card: str | None = None, dest: str | None = None) -
     return dest
 
 
+def _flags(argv: list[str]) -> list[str]:
+    """The training flags of a recorded command line (without the subcommand and --quiet)."""
+    return [a for i, a in enumerate(argv) if not (i == 0 and a == "train-default") and a != "--quiet"]
+
+
 def _scene(data: dict) -> str:
     """'1 small coloured shape (red, green, blue or yellow; circle, square, triangle or cross)'."""
     from himap import synthetic
@@ -88,7 +93,7 @@ seen gray canvases with {_scene(info['data_config'])}.
   (`USER: <image>\\n{{prompt}}\\nASSISTANT:`), CLIP-style PIL image processor (mean = std = 0.5).
 
 ## Training
-Command: `himap train-default {' '.join(info.get('argv', [])) or '(defaults)'}`; seed {cfg['seed']}; {info['step']} steps of
+Command: `himap train-default {' '.join(_flags(info.get('argv', []))) or '(defaults)'}`; seed {cfg['seed']}; {info['step']} steps of
 batch {cfg['batch_size']} (AdamW, peak lr {cfg['lr']}, {cfg['warmup_steps']} warm-up steps then cosine), loss on the
 answer tokens only, training mix {cfg['mix']}; {cfg['threads']} CPU thread(s), fp32;
 {info['minutes']:.1f} minutes wall time on {info.get('machine', 'a shared 2-core CPU machine')} (torch {info['torch']}).
