@@ -40,7 +40,7 @@ class DemoConfig:
     saliency_samples: int = 32  # mc + pope items for the saliency flows
     timing_reps: int = 5  # round-robin rounds of prefill timing (after one warm-up round)
     batch_size: int = 32  # items per forward / generate call
-    threads: int = 2  # torch.set_num_threads
+    threads: int = 1  # torch.set_num_threads (1: robust on a shared 2-core machine, where 2 threads stall)
     progress: bool = True  # tqdm progress bars
 
 
