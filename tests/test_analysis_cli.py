@@ -24,13 +24,11 @@ def workspace(tmp_path_factory):
 
     from himap.analysis.data import build_batch, read_jsonl_items
     from himap.loading import load_model
-    from himap.offline_processor import build_processor
-    from himap.testing import tiny_llava
+    from himap.testing import save_tiny_model_dir
 
     root = tmp_path_factory.mktemp("analyze")
     model_dir = root / "model"
-    tiny_llava(seed=0, num_layers=N_LAYERS).save_pretrained(model_dir)
-    build_processor(image_size=32, patch_size=4).save_pretrained(model_dir)
+    save_tiny_model_dir(model_dir, seed=0, num_layers=N_LAYERS)
     data = root / "data"
     data.mkdir()
     rows = []

@@ -282,13 +282,9 @@ def _published_format_data(name, shared_dir, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A random tiny LLaVA (16 layers, so K2 = 15 fits) with the offline processor, saved."""
-    from himap.offline_processor import build_processor
-    from himap.testing import tiny_llava
+    from himap.testing import save_tiny_model_dir
 
-    path = tmp_path_factory.mktemp("tiny_llava")
-    tiny_llava(num_layers=16).save_pretrained(path)
-    build_processor(image_size=32, patch_size=4).save_pretrained(path)
-    return str(path)
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny_llava"), num_layers=16)
 
 
 def _make_images(task, data, image_dir, limit):

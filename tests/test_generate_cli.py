@@ -4,20 +4,15 @@ import json
 import os
 
 import pytest
-import torch
 
 from himap.cli import main
 from himap.loading import build_inputs, generate_texts, load_model
-from himap.offline_processor import build_processor
-from himap.testing import tiny_llava
+from himap.testing import save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_with_processor")
-    tiny_llava(seed=3).save_pretrained(path)
-    build_processor(image_size=32, patch_size=4).save_pretrained(path)
-    return str(path)
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny_with_processor"), seed=3)
 
 
 def test_generate_prints_answer_and_statistics(model_dir, shared_dir, tmp_path, capsys):
