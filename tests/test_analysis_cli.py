@@ -144,6 +144,10 @@ def test_bad_runs_fail_clearly(workspace, capsys, tmp_path):
     assert rc == 2 and "short text answers" in err
     rc, _, err = _run(capsys, "saliency", *_base(ws, tmp_path / "o2", "--ids", str(captions)))
     assert rc == 2 and "id" in err
+    # a task that reads files needs --data-dir, said clearly; the built-in shapes task does not
+    rc, _, err = _run(capsys, "filter", "--model", ws["model"], "--task", "pope", "--out", str(tmp_path / "o3"))
+    assert rc == 2 and "needs its data folder (--data-dir DIR)" in err
+    assert [it.meta["split"] for it in load_items(task="shapes", split="mc,pope", limit=4)] == ["mc", "mc", "pope", "pope"]
 
 
 def test_answer_tokens_accept_case_and_space_variants():

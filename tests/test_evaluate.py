@@ -18,6 +18,7 @@ TOY_TASK = '''
 from himap.tasks.base import Item
 
 NAME = "toy"
+NEEDS_DATA = False
 VERSION = "3"
 METRIC = "accuracy"
 DEFAULT_METHOD = "himap"

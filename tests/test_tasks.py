@@ -284,3 +284,17 @@ def test_limit_per_group_is_even():
     assert limit_per_group(groups, None) == groups[0] + groups[1] + groups[2]
     with pytest.raises(ValueError):
         limit_per_group(groups, -1)
+
+
+def test_a_task_without_its_data_folder_fails_clearly(tmp_path):
+    from himap.cli import main
+    from himap.tasks import require_data
+
+    for name in TASKS:
+        task = get_task(name)
+        if name == "shapes":
+            require_data(task, None)  # generated: no folder needed
+            continue
+        with pytest.raises(DataError, match=f"task '{task.NAME}' needs its data folder"):
+            require_data(task, None)
+    assert main(["eval", "--model", "builtin", "--task", "mmvet", "--out", str(tmp_path)]) == 2

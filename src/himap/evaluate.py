@@ -504,6 +504,9 @@ def load_items(cfg: EvalConfig, task) -> list:
         if "image_dir" not in inspect.signature(task.load).parameters:
             raise EvalError(f"task {task.NAME!r} takes no image folder (--image-dir)")
         kwargs["image_dir"] = cfg.image_dir
+    from himap.tasks import require_data
+
+    require_data(task, cfg.data)
     items = task.load(cfg.data, **kwargs)
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):

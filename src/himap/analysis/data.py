@@ -72,11 +72,11 @@ def load_items(task: str | None = None, data_dir: str | None = None, split: str 
     if (task is None) == (jsonl is None):
         raise ValueError("give exactly one of a task (--task) or a samples file (--jsonl)")
     if task is not None:
-        from himap.tasks import get_task
+        from himap.tasks import get_task, require_data
 
-        if data_dir is None:
-            raise ValueError(f"task {task!r} needs --data-dir")
-        items = get_task(task).load(data_dir, split=split, limit=None if ids_file else limit)
+        module = get_task(task)
+        require_data(module, data_dir, "--data-dir")
+        items = module.load(data_dir, split=split, limit=None if ids_file else limit)
     else:
         items = read_jsonl_items(jsonl)
     if ids_file:

@@ -137,10 +137,11 @@ def score_file(task, items, predictions: dict[str, dict[str, str]], method: str 
 
 def main(args) -> int:
     from himap.judge import JudgeError, JudgeNotConfigured
-    from himap.tasks import get_task
+    from himap.tasks import get_task, require_data
 
     try:
         task = get_task(args.task)
+        require_data(task, args.data)
         items = task.load(args.data, split=args.split)
         canonical = getattr(task, "canonical_id", str)
         predictions: dict[str, dict[str, str]] = {}

@@ -25,7 +25,7 @@ TASKS = {
     "shapes": "himap.tasks.shapes",
 }
 
-__all__ = ["TASKS", "get_task", "Item", "DataError"]
+__all__ = ["TASKS", "get_task", "require_data", "Item", "DataError"]
 
 
 def get_task(name: str):
@@ -34,3 +34,10 @@ def get_task(name: str):
     if key not in TASKS:
         raise KeyError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
     return importlib.import_module(TASKS[key])
+
+
+def require_data(task, data_dir: str | None, flag: str = "--data") -> None:
+    """Raise a DataError naming `flag` when `task` reads files and no data folder was given
+    (a task that makes its own data, like shapes, sets NEEDS_DATA = False)."""
+    if data_dir is None and getattr(task, "NEEDS_DATA", True):
+        raise DataError(f"task {task.NAME!r} needs its data folder ({flag} DIR).\n{getattr(task, 'DATA_HELP', '')}".rstrip())

@@ -2,7 +2,8 @@
 
 A task is a module (one per benchmark, STYLE habit 6) defining NAME, VERSION, METRIC,
 DEFAULT_METHOD, MAX_NEW_TOKENS, DATA_HELP, `load(data_dir, split=None, limit=None)`,
-`build_prompt(...)` and `score(items, predictions, **kw)`. This file holds the Item record and
+`build_prompt(...)` and `score(items, predictions, **kw)`, and NEEDS_DATA = False when it
+generates its items (data_dir may then be None). This file holds the Item record and
 the small helpers the task modules share: reading files with clear errors, finding images,
 limiting item lists, and matching predictions to items.
 """

@@ -27,6 +27,9 @@ DEFAULT_METHOD = "himap"
 MAX_NEW_TOKENS = 24
 SPLITS = ("mc", "pope", "caption")
 DEFAULT_SPLITS = ("mc", "pope", "caption")
+NEEDS_DATA = False
+"""The test set is generated (and its images cached), so no data folder is needed."""
+
 PER_SPLIT = 200
 """Test items per split."""
 
