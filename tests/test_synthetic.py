@@ -67,6 +67,30 @@ def test_copies_curriculum():
     assert conv[1].copies == conv[0].copies and conv[1].objects == conv[0].objects  # one image per conversation
 
 
+def test_training_aids():
+    """Blank POPE conversations (all "no"), never-drawn attributes, and flipped twins."""
+    convs = [S.make_conversation(i, 0, {"pope": 1}, 3, pope_blank=0.5, pope_unseen=1.0) for i in range(40)]
+    blank = [c for c in convs if not c[0].objects]
+    assert 5 < len(blank) < 35 and all(s.answer == "no" and s.kind == "pope" for c in blank for s in c)
+    never = set(S.UNSEEN_SHAPES) | {"white", "black", "purple", "orange", "gray"}
+    for c in convs:
+        for s in c:
+            if s.objects and s.answer == "no":
+                assert s.meta["query"][0] in never  # pope_unseen=1: every negative names a never-drawn value
+    for i in range(20):
+        a = S.make_conversation(i, 0, {"pope": 1}, 1)
+        b = S.make_conversation(i, 0, {"pope": 1}, 1, flip_pope=True)
+        assert a[0].objects == b[0].objects and a[0].meta["category"] == b[0].meta["category"]
+        assert {a[0].answer, b[0].answer} == {"yes", "no"}
+    for i in range(20):  # exact twins: the same kinds, and every POPE answer flipped
+        mix = {"pope": 0.6, "mc": 0.4}
+        a = S.make_conversation(i, 0, mix, 4, pope_unseen=0.3, twin_draws=True)
+        b = S.make_conversation(i, 0, mix, 4, pope_unseen=0.3, flip_pope=True, twin_draws=True)
+        assert [s.kind for s in a] == [s.kind for s in b]
+        for x, y in zip(a, b):
+            assert (x.answer != y.answer) if x.kind == "pope" else (x.prompt, x.answer) == (y.prompt, y.answer)
+
+
 def _check_mc(mc):
     gold = mc.meta["options"]["ABCD".index(mc.answer)]
     assert gold == mc.meta["target"] and len(set(mc.meta["options"])) == 4

@@ -15,9 +15,11 @@ what makes the choice of pruned tokens matter. Question kinds (section 5 / appen
 
 The default configuration is the built-in benchmark: one object of 4 colours x 4 shapes per
 image, single-attribute POPE questions, and options listing the four values in a fixed order.
-That is the version a 10-layer model trains to >= 90% within an hour of CPU (see himap.train):
-in pilots, answers that depend on an interaction between the question and the image (shuffled
-options, colour-shape pairs, several objects to bind) stayed at chance for over a thousand steps.
+That is the version a 10-layer model trains to 100% of the held-out questions within an hour of
+one CPU core (see himap.train). Its yes/no answers are an interaction between the question and
+the image, which stayed at chance until the training got an answer-position probe; in earlier
+pilots without it, the other interactions (shuffled options, colour-shape pairs, several objects
+to bind) stayed at chance for over a thousand steps too and are untried with the probe.
 The richer variant (`max_objects=3, pope_query="pair", mc_options="shuffled"`, 6 colours) is
 kept for experiments.
 
@@ -213,20 +215,25 @@ UNSEEN_SHAPES = ("star", "diamond")
 """Shape words of the vocabulary that are never drawn (training-only POPE negatives)."""
 
 
-def _pope_attribute(rng, objects, index, config, unseen: float = 0.0):
+def _pope_attribute(rng, objects, index, config, unseen: float = 0.0, fixed_draws: bool = False):
     """POPE with one attribute: "Is there a circle in the image?" / "... a red object ...?".
     With probability `unseen`, a negative names a shape or colour that is never drawn (a
-    training aid: its answer depends on the question alone, which teaches reading the query)."""
+    training aid: its answer depends on the question alone, which teaches reading the query).
+    `fixed_draws`: always three draws from rng, whatever the answer (flipped twins stay in step)."""
     if rng.random() < 0.5:
         present, universe, category = {o.shape for o in objects}, SHAPES, "shape"
         never = UNSEEN_SHAPES
     else:
         present, universe, category = {o.colour for o in objects}, config.colours, "colour"
         never = tuple(c for c in COLOURS if c not in config.colours) + ("purple", "orange", "gray")
-    if index % 2 == 1 and unseen > 0 and rng.random() < unseen:
+    if fixed_draws:
+        u_unseen, u_value = rng.random(), rng.random()
+    else:
+        u_unseen = rng.random() if index % 2 == 1 and unseen > 0 else 1.0
+    if index % 2 == 1 and u_unseen < unseen:
         universe, present = never, ()
     pool = sorted(present) if index % 2 == 0 else [a for a in universe if a not in present]
-    value = pool[int(rng.integers(len(pool)))]
+    value = pool[int(u_value * len(pool))] if fixed_draws else pool[int(rng.integers(len(pool)))]
     answer = "yes" if index % 2 == 0 else "no"
     what = f"a {value}" if category == "shape" else f"a {value} object"
     prompt = f"question: Is there {what} in the image? {POPE_SUFFIX}"
@@ -263,7 +270,7 @@ def _word(rng, objects):
 
 
 def question(kind: str, rng, objects, index: int, config: SyntheticConfig = SyntheticConfig(),
-             pope_unseen: float = 0.0) -> tuple[str, str, dict]:
+             pope_unseen: float = 0.0, fixed_draws: bool = False) -> tuple[str, str, dict]:
     """(prompt, answer, meta) of one question of `kind` about `objects`; `index` fixes the gold
     letter (mc) and yes/no (pope) so that consecutive indices are balanced."""
     if kind == "mc":
@@ -272,7 +279,7 @@ def question(kind: str, rng, objects, index: int, config: SyntheticConfig = Synt
         if config.pope_query == "pair":
             prompt, answer, meta = _pope(rng, objects, index, config)
         else:
-            prompt, answer, meta = _pope_attribute(rng, objects, index, config, pope_unseen)
+            prompt, answer, meta = _pope_attribute(rng, objects, index, config, pope_unseen, fixed_draws)
     elif kind == "caption":
         prompt, answer, meta = CAPTION_PROMPT, caption(objects), {"category": f"{len(objects)}-objects"}
     elif kind == "word":
@@ -297,13 +304,17 @@ def make_sample(index: int, kind: str, seed: int = TEST_SEED,
 
 def make_conversation(index: int, seed: int, weights: dict[str, float], turns: int = 1,
                       config: SyntheticConfig = SyntheticConfig(), copies: int = 1,
-                      pope_unseen: float = 0.0, pope_blank: float = 0.0) -> list[Sample]:
+                      pope_unseen: float = 0.0, pope_blank: float = 0.0,
+                      flip_pope: bool = False, twin_draws: bool = False) -> list[Sample]:
     """`turns` questions about one image (a multi-turn training conversation, as in LLaVA's
     instruction data): kinds drawn with `weights`, a caption only as the last turn (it names
     every object, so later answers could be read off it). `copies` > 1 draws each object that
     many times (random_copies). With probability `pope_blank` the image is blank and every turn
     is a POPE question answered "no" (a training aid: "an object is in view" then predicts "yes",
-    which lets the question-image matching start to learn)."""
+    which lets the question-image matching start to learn). `flip_pope` turns every POPE answer
+    of the conversation into its opposite (same image, same kind of attribute asked): a
+    contrastive twin for the training batch; with `twin_draws` (set for both twins) the twins
+    differ in nothing else."""
     import numpy as np
 
     rng = np.random.default_rng([seed, 7, index])
@@ -325,7 +336,10 @@ def make_conversation(index: int, seed: int, weights: dict[str, float], turns: i
             kind = kinds[int(rng.choice(len(kinds), p=probs))]
         # the gold letter / yes-no slot is drawn at random: an index-based cycle would let later
         # turns be predicted from earlier answers
-        prompt, answer, meta = question(kind, rng, objects, int(rng.integers(4)), config, pope_unseen)
+        slot = int(rng.integers(4))
+        if flip_pope and kind == "pope":
+            slot ^= 1
+        prompt, answer, meta = question(kind, rng, objects, slot, config, pope_unseen, twin_draws)
         out.append(Sample(f"conv-{seed}-{index}-{t}", kind, prompt, answer, objects, meta, extra))
     return out
 

@@ -69,6 +69,24 @@ def _scene(data: dict) -> str:
             f"{', '.join(synthetic.SHAPES[:-1])} or {synthetic.SHAPES[-1]})")
 
 
+def _aids(cfg: dict) -> str:
+    """The training aids a run used, in words (older runs lack some fields)."""
+    aids = []
+    if cfg.get("copies_start", 1) > 1:
+        aids.append(f"object copies fading {cfg['copies_start']} -> 1 over {cfg.get('copies_until', 0):.0%} of the steps")
+    if cfg.get("aux_weight"):
+        aids.append(f"patch classifier (weight {cfg['aux_weight']})")
+    if cfg.get("query_aux_weight"):
+        aids.append(f"answer-position probe of the POPE query and image values (weight {cfg['query_aux_weight']})")
+    if cfg.get("pope_pairs"):
+        aids.append("flipped POPE twins in each batch")
+    if cfg.get("pope_blank"):
+        aids.append(f"{cfg['pope_blank']:.0%} blank POPE images")
+    if cfg.get("pope_unseen"):
+        aids.append(f"{cfg['pope_unseen']:.0%} never-drawn POPE negatives")
+    return "; ".join(aids) or "none"
+
+
 def model_card(info: dict, extra: str = "") -> str:
     """Markdown model card from a checkpoint's training_info.json."""
     cfg, m = info["config"], info["config"]["model"]
@@ -96,6 +114,7 @@ seen gray canvases with {_scene(info['data_config'])}.
 Command: `himap train-default {' '.join(_flags(info.get('argv', []))) or '(defaults)'}`; seed {cfg['seed']}; {info['step']} steps of
 batch {cfg['batch_size']} (AdamW, peak lr {cfg['lr']}, {cfg['warmup_steps']} warm-up steps then cosine), loss on the
 answer tokens only, training mix {cfg['mix']}; {cfg['threads']} CPU thread(s), fp32;
+training aids (discarded after training; see himap.train): {_aids(cfg)};
 {info['minutes']:.1f} minutes wall time on {info.get('machine', 'a shared 2-core CPU machine')} (torch {info['torch']}).
 
 ## Held-out accuracy at this checkpoint
