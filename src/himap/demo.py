@@ -8,7 +8,8 @@
 2. Shows where the visual information moves into the text (the paper's shallow-layer
    injection, sections 3.2-3.3): first-token accuracy when every image token is removed from
    layer K on (himap.schedule.drop_all_from), for each K; K = 0 removes the image tokens from the
-   input, and a blank image gives the no-information baseline (appendix B).
+   input, and a blank image gives the no-information baseline (appendix B). Also counts, per
+   pruning method and stage, the items whose object's image token is still kept.
 3. Measures the per-layer saliency flows S_vv and S_vt (eqs. 5-6, himap.analysis.saliency) and
    plots them with the accuracy-vs-TFLOPs plot.
 
@@ -19,6 +20,7 @@ OUT/saliency_modalities.png; prints the tables and ends with one JSON line
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -111,10 +113,9 @@ def prefill_times(model, processor, items, methods: list, reps: int) -> dict:
 
 
 def drop_all_probe(model, processor, items, batch_size: int) -> list[dict]:
-    """First-token accuracy (percent) with every image token removed from layer K on, for
-    K = 0 (no image tokens in the input) .. L - 1, plus `blank` (a blank image, all layers) and
-    `full` (vanilla)."""
-    from himap import metrics
+    """First-token accuracy (percent; `accuracy` over all items and one key per split, e.g.
+    `mc`, `pope`) with every image token removed from layer K on, for K = 0 (no image tokens in
+    the input) .. L - 1, plus `blank` (a blank image, all layers) and `full` (vanilla)."""
     from himap.analysis.data import blank_image, drop_image_tokens
     from himap.schedule import drop_all_from
 
@@ -122,14 +123,60 @@ def drop_all_probe(model, processor, items, batch_size: int) -> list[dict]:
     pad = processor.tokenizer.pad_token_id or 0
     no_image = lambda x: drop_image_tokens(x, cfg.image_token_id, pad)  # noqa: E731
     layers = cfg.text_config.num_hidden_layers
-    rows = [{"k": 0, "accuracy": metrics.accuracy(first_token_correct(model, processor, items, None, batch_size, no_image))}]
+    run = functools.partial(first_token_correct, model, processor, items, batch_size=batch_size)
+    rows = [_split_accuracy(0, items, run(schedule=None, inputs_fn=no_image))]
     for k in range(1, layers):
-        acc = metrics.accuracy(first_token_correct(model, processor, items, drop_all_from(k), batch_size))
-        rows.append({"k": k, "accuracy": acc})
-    rows.append({"k": "blank", "accuracy": metrics.accuracy(
-        first_token_correct(model, processor, items, None, batch_size, blank_image))})
-    rows.append({"k": "full", "accuracy": metrics.accuracy(first_token_correct(model, processor, items, None, batch_size))})
+        rows.append(_split_accuracy(k, items, run(schedule=drop_all_from(k))))
+    rows.append(_split_accuracy("blank", items, run(schedule=None, inputs_fn=blank_image)))
+    rows.append(_split_accuracy("full", items, run(schedule=None)))
     return rows
+
+
+def object_kept(model, processor, items, methods: list, batch_size: int) -> dict:
+    """Per pruning method, the share (percent) of items whose object survives each stage: at
+    least one of the image tokens holding an object (item.meta["objects"] cells) is kept.
+    {method: [stage 1 share, stage 2 share, ...]}."""
+    import torch
+
+    import himap
+    from himap.analysis.data import build_batch
+    from himap.schedule import get_schedule
+
+    v = model.config.vision_config
+    grid = v.image_size // v.patch_size
+    cells = [{r * grid + c for _, _, (r, c) in it.meta.get("objects", [])} for it in items]
+    out = {}
+    for method in methods:
+        schedule = get_schedule(method)
+        if not schedule.stages:
+            continue
+        hits = [0] * len(schedule.stages)
+        for i in range(0, len(items), batch_size):
+            inputs = build_batch(processor, items[i:i + batch_size])
+            with torch.no_grad(), himap.pruned(model, schedule) as handle:
+                model(**inputs, logits_to_keep=1)
+            for j, kept in enumerate(handle.stats.kept_image_indices):
+                hits[j] += sum(bool(cells[i + b] & set(k)) for b, k in enumerate(kept))
+        out[method] = [100.0 * h / len(items) for h in hits]
+    return out
+
+
+def format_kept_table(kept: dict) -> str:
+    stages = max((len(v) for v in kept.values()), default=0)
+    lines = ["| method | " + " | ".join(f"stage {j + 1}" for j in range(stages)) + " |", "|---|" + "---|" * stages]
+    for method, shares in kept.items():
+        lines.append(f"| {method} | " + " | ".join(f"{x:.1f}" for x in shares) + " |" * (stages - len(shares) + 1))
+    return "\n".join(lines) + "\n"
+
+
+def _split_accuracy(k, items, correct: list[bool]) -> dict:
+    """{"k": k, "accuracy": overall, <split>: accuracy of that split's items, ...} (percent)."""
+    from himap import metrics
+
+    row = {"k": k, "accuracy": metrics.accuracy(correct)}
+    for split in dict.fromkeys(it.meta.get("split", "all") for it in items):
+        row[split] = metrics.accuracy([c for it, c in zip(items, correct) if it.meta.get("split", "all") == split])
+    return row
 
 
 def saliency_flows(model, processor, items, batch_size: int) -> dict:
@@ -182,15 +229,18 @@ def plot_drop_all(rows: list[dict], path: str) -> str:
     import matplotlib.pyplot as plt
 
     ks = [r for r in rows if isinstance(r["k"], int)]
+    splits = [key for key in ks[0] if key not in ("k", "accuracy")] if ks else []
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.plot([r["k"] for r in ks], [r["accuracy"] for r in ks], marker="o", label="image tokens removed from layer K on")
-    for r in rows:
-        if r["k"] == "full":
-            ax.axhline(r["accuracy"], color="green", ls="--", lw=1, label="vanilla")
-        if r["k"] == "blank":
-            ax.axhline(r["accuracy"], color="gray", ls=":", lw=1, label="blank image")
+    for key, style in [("accuracy", "-")] + [(sp, "--") for sp in splits]:
+        label = (" + ".join(splits) or "all") if key == "accuracy" else key
+        line, = ax.plot([r["k"] for r in ks], [r[key] for r in ks], marker="o", ls=style, label=f"{label}: image removed from K on")
+        for r in rows:
+            if r["k"] == "full":
+                ax.axhline(r[key], color=line.get_color(), ls=":", lw=1)
+            if r["k"] == "blank" and key == "accuracy":
+                ax.axhline(r[key], color="gray", ls="-.", lw=1, label="blank image (all)")
     ax.set_xlabel("K (layers 0..K-1 see the image tokens)")
-    ax.set_ylabel("first-token accuracy, mc + pope (%)")
+    ax.set_ylabel("first-token accuracy (%); dotted: vanilla")
     ax.set_title("Where visual information moves into the text")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -217,8 +267,12 @@ def format_methods_table(methods: dict) -> str:
 
 
 def format_drop_table(rows: list[dict]) -> str:
-    return ("| K | " + " | ".join(str(r["k"]) for r in rows) + " |\n|---|" + "---|" * len(rows) + "\n"
-            "| accuracy | " + " | ".join(f"{r['accuracy']:.1f}" for r in rows) + " |\n")
+    splits = [key for key in rows[0] if key not in ("k", "accuracy")]
+    lines = ["| K | " + " | ".join(str(r["k"]) for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    for key in ["accuracy"] + splits:
+        label = (" + ".join(splits) or "accuracy") if key == "accuracy" else key
+        lines.append(f"| {label} | " + " | ".join("n/a" if r.get(key) is None else f"{r[key]:.1f}" for r in rows) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def format_flow_table(means: dict) -> str:
@@ -233,8 +287,6 @@ def format_flow_table(means: dict) -> str:
 
 def run(cfg: DemoConfig) -> dict:
     """Run the demo; returns the result dict (also written to OUT/demo.json)."""
-    import functools
-
     import torch
 
     from himap.analysis.plots import plot_modalities, plot_visual_flows
@@ -270,6 +322,7 @@ def run(cfg: DemoConfig) -> dict:
     # 2. where visual information moves into the text
     probe_items = shapes.load(None, split="mc,pope", limit=cfg.probe_limit)
     drop_rows = drop_all_probe(model, processor, probe_items, cfg.batch_size)
+    kept = object_kept(model, processor, probe_items, list(METHODS), cfg.batch_size)
 
     # 3. saliency flows
     flow_items = shapes.load(None, split="mc,pope", limit=cfg.saliency_samples)
@@ -283,7 +336,7 @@ def run(cfg: DemoConfig) -> dict:
         "saliency_modalities": plot_modalities(flows, os.path.join(cfg.out, "saliency_modalities.png"),
                                                title="Built-in model: saliency per token set"),
     }
-    out = {"config": asdict(cfg), "methods": methods, "drop_all_from_k": drop_rows, "saliency": flows,
+    out = {"config": asdict(cfg), "methods": methods, "drop_all_from_k": drop_rows, "object_kept": kept, "saliency": flows,
            "plots": plots, "predictions": result.directory, "seconds": round(time.time() - t_start, 1)}
     with open(os.path.join(cfg.out, "demo.json"), "w") as f:
         json.dump(out, f, indent=1)
@@ -299,6 +352,8 @@ def report(out: dict) -> str:
              "## Accuracy (first token, mc + pope) when every image token is dropped from layer K on", "",
              format_drop_table(out["drop_all_from_k"]),
              "K = 0: no image tokens at all; blank: a blank image; full: vanilla.", "",
+             "## Items whose object token survives each pruning stage (%, mc + pope)", "",
+             format_kept_table(out["object_kept"]),
              f"## Saliency flows per layer (mean over {out['saliency']['n']} samples)", "",
              format_flow_table(out["saliency"]), "",
              "plots: " + ", ".join(out["plots"].values()), f"({out['seconds']} s)"]
