@@ -26,7 +26,7 @@ RICH = S.SyntheticConfig(max_objects=3, pope_query="pair", mc_options="shuffled"
 
 def test_default_benchmark():
     cfg = S.SyntheticConfig()
-    assert (cfg.grid, cfg.min_objects, cfg.max_objects, cfg.mc_options, cfg.pope_query) == (12, 1, 1, "fixed", "attribute")
+    assert (cfg.grid, cfg.min_objects, cfg.max_objects, cfg.mc_options, cfg.pope_query) == (12, 1, 1, "shuffled", "attribute")
     s = S.make_sample(0, "mc")
     assert len(s.objects) == 1
 
@@ -107,9 +107,12 @@ def test_answers_are_correct_for_the_scene():
     for i in range(60):
         _check_mc(S.make_sample(i, "mc"))
         _check_mc(S.make_sample(i, "mc", config=RICH))
-        mc = S.make_sample(i, "mc")
-        canonical = ["red", "green", "blue", "yellow"] if mc.meta["category"] == "colour" else list(S.SHAPES)
-        assert mc.meta["options"] == canonical  # fixed option order
+        fixed = S.make_sample(i, "mc", config=S.SyntheticConfig(mc_options="fixed"))
+        _check_mc(fixed)
+        canonical = ["red", "green", "blue", "yellow"] if fixed.meta["category"] == "colour" else list(S.SHAPES)
+        assert fixed.meta["options"] == canonical  # fixed option order
+        shuffled = S.make_sample(i, "mc")  # the default: the same four values, the gold letter cycling
+        assert sorted(shuffled.meta["options"]) == sorted(canonical) and shuffled.answer == "ABCD"[i % 4]
         pope = S.make_sample(i, "pope")
         (value,) = pope.meta["query"]
         present = value in {o.colour for o in pope.objects} | {o.shape for o in pope.objects}
@@ -130,7 +133,8 @@ def test_balanced_answers():
     pope = collections.Counter(S.make_sample(i, "pope").answer for i in range(200))
     assert mc == {"A": 50, "B": 50, "C": 50, "D": 50}  # shuffled options: gold letter cycles
     assert pope == {"yes": 100, "no": 100}
-    fixed = collections.Counter(S.make_sample(i, "mc").answer for i in range(200))
+    fixed = collections.Counter(S.make_sample(i, "mc", config=S.SyntheticConfig(mc_options="fixed")).answer
+                                for i in range(200))
     assert set(fixed) == set("ABCD") and max(fixed.values()) <= 70  # fixed options: near uniform
     conv = collections.Counter(s.answer for i in range(300) for s in S.make_conversation(i, 0, {"pope": 1}, 3))
     assert 0.4 < conv["yes"] / 900 < 0.6  # random slots in conversations

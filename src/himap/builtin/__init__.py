@@ -89,6 +89,8 @@ def _aids(cfg: dict) -> str:
 
 def model_card(info: dict, extra: str = "") -> str:
     """Markdown model card from a checkpoint's training_info.json."""
+    import shlex
+
     cfg, m = info["config"], info["config"]["model"]
     valid = ", ".join(f"{k} {100 * v:.1f}%" for k, v in info.get("valid", {}).items())
     return f"""# himap built-in model
@@ -111,7 +113,7 @@ seen gray canvases with {_scene(info['data_config'])}.
   (`USER: <image>\\n{{prompt}}\\nASSISTANT:`), CLIP-style PIL image processor (mean = std = 0.5).
 
 ## Training
-Command: `himap train-default {' '.join(_flags(info.get('argv', []))) or '(defaults)'}`; seed {cfg['seed']}; {info['step']} steps of
+Command: `himap train-default {shlex.join(_flags(info.get('argv', []))) or '(defaults)'}`; seed {cfg['seed']}; {info['step']} steps of
 batch {cfg['batch_size']} (AdamW, peak lr {cfg['lr']}, {cfg['warmup_steps']} warm-up steps then cosine), loss on the
 answer tokens only, training mix {cfg['mix']}; {cfg['threads']} CPU thread(s), fp32;
 training aids (discarded after training; see himap.train): {_aids(cfg)};
