@@ -247,6 +247,21 @@ def test_context_manager_removes_on_error(models, batch):
     assert "forward" not in model.model.language_model.__dict__
 
 
+def test_maybe_pruned_leaves_vanilla_untouched(models, batch):
+    from himap.engine import maybe_pruned
+
+    model = models["sdpa"]
+    lm = model.model.language_model
+    with maybe_pruned(model, "vanilla") as handle:  # no stages: the unmodified model
+        assert handle is None and "forward" not in lm.__dict__
+        assert model.config.text_config._attn_implementation == "sdpa"
+    with maybe_pruned(model, "himap") as handle:
+        assert handle is lm._himap_handle and "forward" in lm.__dict__
+        model(**batch)
+        assert len(handle.stats.kept_image_indices) == 2
+    assert "forward" not in lm.__dict__ and model.config.text_config._attn_implementation == "sdpa"
+
+
 def test_bad_inputs(models, batch):
     model = models["sdpa"]
     with pytest.raises(ValueError, match="increase strictly"):

@@ -161,8 +161,6 @@ def kv_cache_size(cache) -> tuple[int, list[int]]:
 
 def run_once(model, inputs: dict, schedule, new_tokens: int) -> dict:
     """One `generate` call of `schedule` (vanilla: the unmodified model), timed step by step."""
-    import contextlib
-
     import torch
     from transformers import LogitsProcessorList
 
@@ -170,9 +168,8 @@ def run_once(model, inputs: dict, schedule, new_tokens: int) -> dict:
 
     device = model.device
     cuda = device.type == "cuda"
-    ctx = engine.pruned(model, schedule, sync_timing=cuda) if schedule.stages else contextlib.nullcontext()
     out = {}
-    with ctx as handle, torch.no_grad():
+    with engine.maybe_pruned(model, schedule, sync_timing=cuda) as handle, torch.no_grad():
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
             base_mem = torch.cuda.memory_allocated(device)

@@ -52,8 +52,8 @@ def first_token_correct(model, processor, items, schedule, batch_size: int, inpu
     `inputs_fn` may transform the batch inputs (e.g. drop the image)."""
     import torch
 
-    import himap
     from himap.analysis.data import answer_tokens, build_batch
+    from himap.engine import maybe_pruned
 
     tok = processor.tokenizer
     out = []
@@ -62,12 +62,8 @@ def first_token_correct(model, processor, items, schedule, batch_size: int, inpu
         inputs = build_batch(processor, chunk)
         if inputs_fn is not None:
             inputs = inputs_fn(inputs)
-        with torch.no_grad():
-            if schedule is None or not schedule.stages:
-                logits = model(**inputs, logits_to_keep=1).logits[:, -1]  # [B, V]
-            else:
-                with himap.pruned(model, schedule):
-                    logits = model(**inputs, logits_to_keep=1).logits[:, -1]  # [B, V]
+        with torch.no_grad(), maybe_pruned(model, schedule or "vanilla"):
+            logits = model(**inputs, logits_to_keep=1).logits[:, -1]  # [B, V]
         pred = logits.argmax(-1).tolist()
         for it, p in zip(chunk, pred):
             out.append(p in answer_tokens(tok, it.answer)[1])
@@ -79,21 +75,17 @@ def prefill_times(model, processor, items, methods: list, reps: int) -> dict:
     (logits_to_keep=1) over one fixed batch, methods interleaved, the start rotating per round."""
     import torch
 
-    import himap
     from himap.analysis.data import build_batch
+    from himap.engine import maybe_pruned
     from himap.schedule import get_schedule
 
     inputs = build_batch(processor, items)
     names = [get_schedule(m).name for m in methods]
 
     def run(method):
-        schedule = get_schedule(method)
         with torch.no_grad():
             t0 = time.perf_counter()
-            if schedule.stages:
-                with himap.pruned(model, schedule):
-                    model(**inputs, logits_to_keep=1)
-            else:
+            with maybe_pruned(model, method):
                 model(**inputs, logits_to_keep=1)
             return time.perf_counter() - t0
 

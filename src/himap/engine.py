@@ -451,3 +451,15 @@ def pruned(model, method: "str | Schedule" = "himap", **kwargs):
         yield handle
     finally:
         remove(model)
+
+
+@contextlib.contextmanager
+def maybe_pruned(model, method: "str | Schedule" = "himap", **kwargs):
+    """`pruned`, except that a schedule without stages (vanilla) leaves the model untouched and
+    yields None: the unmodified model, the baseline that timings and FLOP counts compare with."""
+    schedule = get_schedule(method)
+    if not schedule.stages:
+        yield None
+        return
+    with pruned(model, schedule, **kwargs) as handle:
+        yield handle

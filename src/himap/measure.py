@@ -103,8 +103,6 @@ def compare(model, inputs: dict, method="vanilla", new_tokens: int = 0) -> dict:
     Cost.total. Vanilla runs the unmodified model; other methods run under himap.pruned.
     Returns both counts per part and the relative error of each.
     """
-    import contextlib
-
     from himap import engine
     from himap.flops import Arch, full_cost
     from himap.schedule import get_schedule
@@ -112,8 +110,7 @@ def compare(model, inputs: dict, method="vanilla", new_tokens: int = 0) -> dict:
     schedule = get_schedule(method)
     shape = prompt_shape(model, inputs, max(new_tokens, 1))
     cost = full_cost(Arch.from_config(model.config), schedule, shape, attention="dense")
-    ctx = engine.pruned(model, schedule) if schedule.stages else contextlib.nullcontext()
-    with ctx:
+    with engine.maybe_pruned(model, schedule):
         if new_tokens == 0:
             _, measured = count_flops(model, model, **inputs, use_cache=True, logits_to_keep=1)
         else:
