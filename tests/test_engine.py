@@ -189,7 +189,7 @@ def test_gradient_criterion_matches_autograd(models, batch):
     def rest(x):
         mask = batch["attention_mask"].bool()
         from transformers.masking_utils import create_causal_mask
-        m4 = create_causal_mask(config=lm.config, inputs_embeds=x, attention_mask=mask, past_key_values=None)
+        m4 = create_causal_mask(lm.config, x, mask, None)  # positional: the cache keyword was renamed in 5.24
         pos = torch.arange(x.shape[1])[None]  # a plain forward without position_ids uses 0..T-1
         pe = lm.rotary_emb(x, position_ids=pos)
         for layer in lm.layers[3:]:
@@ -229,7 +229,8 @@ def test_remove_restores_unmodified_model(models, batch):
     himap.apply(model, "himap")
     himap.remove(model)
     lm = model.model.language_model
-    assert "forward" not in lm.__dict__ and not hasattr(lm, "_himap_handle")
+    assert not hasattr(lm, "_himap_handle") and not lm._forward_pre_hooks and not lm._forward_hooks
+    assert not any(layer._forward_pre_hooks for layer in lm.layers)
     assert not any(hasattr(layer.self_attn, "_himap_handle") for layer in lm.layers)
     assert dict(model.model._forward_pre_hooks) == hooks
     assert model.config.text_config._attn_implementation == "sdpa"
@@ -244,7 +245,7 @@ def test_context_manager_removes_on_error(models, batch):
     with pytest.raises(ZeroDivisionError):
         with himap.pruned(model, "himap"):
             1 / 0
-    assert "forward" not in model.model.language_model.__dict__
+    assert not hasattr(model.model.language_model, "_himap_handle")
 
 
 def test_maybe_pruned_leaves_vanilla_untouched(models, batch):
@@ -253,13 +254,13 @@ def test_maybe_pruned_leaves_vanilla_untouched(models, batch):
     model = models["sdpa"]
     lm = model.model.language_model
     with maybe_pruned(model, "vanilla") as handle:  # no stages: the unmodified model
-        assert handle is None and "forward" not in lm.__dict__
+        assert handle is None and not hasattr(lm, "_himap_handle")
         assert model.config.text_config._attn_implementation == "sdpa"
     with maybe_pruned(model, "himap") as handle:
-        assert handle is lm._himap_handle and "forward" in lm.__dict__
+        assert handle is lm._himap_handle
         model(**batch)
         assert len(handle.stats.kept_image_indices) == 2
-    assert "forward" not in lm.__dict__ and model.config.text_config._attn_implementation == "sdpa"
+    assert not hasattr(lm, "_himap_handle") and model.config.text_config._attn_implementation == "sdpa"
 
 
 def test_bad_inputs(models, batch):
@@ -309,3 +310,106 @@ def test_inputs_embeds_only_is_refused(models, batch):
     with himap.pruned(model, "himap"):
         with pytest.raises(ValueError, match="input_ids"):
             model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+
+
+# ----------------------------------------------------------------------------- riding on the library's forward
+
+def test_apply_leaves_every_forward_untouched(models, batch):
+    """Pruning rides on hooks and the attention interface: no forward is replaced, no class changed."""
+    model = models["sdpa"]
+    classes = {id(m): type(m) for m in model.modules()}
+    with himap.pruned(model, "himap"):
+        model(**batch)
+        for m in model.modules():
+            assert "forward" not in m.__dict__ and type(m) is classes[id(m)]
+
+
+def test_decode_step_on_another_cache_is_refused(models, batch):
+    """A decode step must continue the cache of the pruned prefill, never a stranger's."""
+    from transformers import DynamicCache
+
+    model = models["sdpa"]
+    with himap.pruned(model, "himap"):
+        out = model(**batch, use_cache=True)
+        cache = getattr(out, _cache_kw())
+        nxt = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], dim=1)
+        other = DynamicCache(config=model.config.text_config)
+        t = batch["input_ids"].shape[1]
+        for layer in range(10):  # the right total length everywhere, but not the pruned prefill's cache
+            other.update(torch.zeros(2, 2, t, 16), torch.zeros(2, 2, t, 16), layer)
+        with pytest.raises(RuntimeError, match="did not fill"):
+            model(input_ids=nxt, attention_mask=mask, **{_cache_kw(): other})
+        model(input_ids=nxt, attention_mask=mask, **{_cache_kw(): cache})  # the right one works
+
+
+def test_tampered_cache_lengths_are_detected(models, batch):
+    model = models["sdpa"]
+    with himap.pruned(model, "himap"):
+        out = model(**batch, use_cache=True)
+        cache = getattr(out, _cache_kw())
+        layer = cache.layers[5]
+        layer.keys, layer.values = layer.keys[:, :, 1:], layer.values[:, :, 1:]  # one token lost in layer 5
+        nxt = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], dim=1)
+        with pytest.raises(RuntimeError, match=r"per-layer cache lengths .* differ .*transformers \d"):
+            model(input_ids=nxt, attention_mask=mask, **{_cache_kw(): cache})
+
+
+def _cache_kw():
+    from himap.engine import CACHE_KEYWORDS
+    from transformers import LlamaModel
+    import inspect
+
+    return next(k for k in CACHE_KEYWORDS if k in inspect.signature(LlamaModel.forward).parameters)
+
+
+def test_unknown_layout_is_refused_at_apply(models, monkeypatch):
+    """A decoder layer whose forward takes keywords we do not know raises before any token."""
+    from himap.engine import LayoutError
+
+    model = models["sdpa"]
+    layer = model.model.language_model.layers[3]
+
+    def forward(hidden_states, attention_mask=None, position_embeddings=None, kv_state=None, **kwargs):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(layer, "forward", forward)
+    with pytest.raises(LayoutError, match=r"layer 3 .*transformers \d+\.\d+.*tested with"):
+        himap.apply(model, "himap")
+    assert not hasattr(model.model.language_model, "_himap_handle")
+
+
+def test_labels_are_refused_while_pruning(models, batch):
+    model = models["sdpa"]
+    with himap.pruned(model, "himap"):
+        with pytest.raises(ValueError, match="labels"):
+            model(**batch, labels=batch["input_ids"])
+
+
+def test_supported_range_matches_pyproject():
+    """pyproject admits exactly the releases the engine claims, and the installed one is among them."""
+    import pathlib
+    import re
+
+    import transformers
+    from himap.engine import SUPPORTED_TRANSFORMERS
+
+    text = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
+    spec = re.search(r'"transformers(>=[^"]+)"', text).group(1)
+    low, high = SUPPORTED_TRANSFORMERS[0], SUPPORTED_TRANSFORMERS[-1]
+    major, minor = high.split(".")
+    assert spec == f">={low},<{major}.{int(minor) + 1}"
+    assert ".".join(transformers.__version__.split(".")[:2]) in SUPPORTED_TRANSFORMERS
+
+
+def test_no_deprecation_warnings_from_pruned_generate(models, batch):
+    import warnings
+
+    model = models["sdpa"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        with himap.pruned(model, "himap") as handle:
+            greedy(model, batch, n=3)
+    assert handle.stats.pruned

@@ -182,6 +182,7 @@ def run_once(model, inputs: dict, schedule, new_tokens: int) -> dict:
             peak = torch.cuda.max_memory_allocated(device)
             out["peak_memory_bytes"], out["peak_memory_above_weights_bytes"] = peak, peak - base_mem
         out["ranking_s"] = handle.stats.ranking_seconds if handle is not None else 0.0
+        out["check_s"] = handle.stats.check_seconds if handle is not None else 0.0
     stamps = step_clock.stamps
     n_new = result.sequences.shape[1] - inputs["input_ids"].shape[1]
     if n_new != new_tokens or len(stamps) != new_tokens:
@@ -231,6 +232,7 @@ def summarize(records: list[dict], names: list[str], costs: dict) -> dict:
         rs = by[n]
         m = {key: _spread([r[key] for r in rs]) for key in TIMES}
         m["ranking_share_of_prefill"] = statistics.median(r["ranking_s"] / r["ttft_s"] for r in rs)
+        m["check_share_of_prefill"] = statistics.median(r.get("check_s", 0.0) / r["ttft_s"] for r in rs)
         m["kv_cache_bytes"] = rs[0]["kv_cache_bytes"]
         m["kv_cache_bytes_final"] = rs[0]["kv_cache_bytes_final"]
         m["kv_cache_lengths"] = rs[0]["kv_cache_lengths"]
@@ -331,7 +333,7 @@ def format_summary(summary: dict) -> str:
              f"{summary['config']['reps']} reps",
              f"{'method':<14} {'TTFT ms (min-max)':<23} {'decode ms/tok':>13} {'e2e ms (min-max)':<23}"
              f" {'x prefill':>9} {'(cpu)':>6} {'x e2e':>6} {'x vs FastV':>10} {'FLOPs x (full/paper)':>21} {'rank %':>7}"
-             f" {'KV MiB':>7}"]
+             f" {'check %':>8} {'KV MiB':>7}"]
     for name, m in summary["methods"].items():
         ms = lambda key: m[key]["median"] * 1e3  # noqa: E731
         span = lambda key: f"{ms(key):.1f} ({m[key]['min'] * 1e3:.0f}-{m[key]['max'] * 1e3:.0f})"  # noqa: E731
@@ -341,10 +343,12 @@ def format_summary(summary: dict) -> str:
         lines.append(
             f"{name:<14} {span('ttft_s'):<23} {ms('decode_s_per_token'):>13.2f} {span('e2e_s'):<23}"
             f" {x(sv['ttft_s']):>9} {x(sv['ttft_cpu_s']):>6} {x(sv['e2e_s']):>6} {x(sf['ttft_s']):>10} {flops:>21}"
-            f" {m['ranking_share_of_prefill'] * 100:>6.2f}% {m['kv_cache_bytes'] / 2 ** 20:>7.1f}")
+            f" {m['ranking_share_of_prefill'] * 100:>6.2f}% {m['check_share_of_prefill'] * 100:>7.3f}%"
+            f" {m['kv_cache_bytes'] / 2 ** 20:>7.1f}")
     lines.append("x prefill: TTFT speedup in wall time (cpu: in process CPU time); x: median of per-round ratios "
                  "(same process); FLOPs x: analytic prefill speedup, full count with vision / paper convention; "
-                 "rank %: ranking share of TTFT.")
+                 "rank %: ranking share of TTFT; check %: himap's run-time invariant checks over the whole "
+                 "generate call (prefill and every decode step) as a share of TTFT.")
     if "process_max_rss_bytes" in summary:
         lines.append(f"memory: {summary['memory_note']} (max RSS {summary['process_max_rss_bytes'] / 2 ** 30:.2f} GiB)")
     else:

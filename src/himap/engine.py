@@ -1,26 +1,38 @@
 """The pruning engine: plugs a schedule into an unmodified HuggingFace model (SPEC sections 1-2).
 
-How it attaches (all through public extension points, all undone by `remove`):
-- the decoder's `forward` is replaced by `_decoder_forward`, bound to the instance; it runs the
-  same layers in the same way, but between segments of layers it drops image tokens;
-- an attention function wrapping the model's own implementation (sdpa, eager, flash...) is
-  registered in AttentionInterface (with the matching mask function in AttentionMaskInterface);
-  it passes every call through unchanged except inside a ranking layer K-1 during prefill, where
-  it also computes the attention rows the criterion needs (queries x all keys, softmax, head mean);
-- a forward pre-hook on the multimodal model records `input_ids`, from which V, S, I are found.
+The model's own forward runs unchanged: its decoder loop, cache handling, mask creation and
+output classes. himap attaches only through public extension points, all undone by `remove`:
+- a forward pre-hook on the multimodal model records `input_ids` (the decoder receives only
+  embeddings), from which V, S and I are found; a pre-hook on the outer model refuses `labels`
+  while tokens are dropped (they would no longer line up);
+- a forward pre-hook on the decoder (language model) reads the call's 2D attention mask and cache
+  and decides whether it is a prefill or a decode step;
+- a forward pre-hook (`with_kwargs=True`) on every decoder layer: at a stage boundary K it ranks,
+  gathers the kept tokens' hidden states and hands the layer the kept tokens' slice of the
+  position embeddings the library computed (original RoPE positions, M-RoPE included) and a mask
+  built for them by the library's own `create_causal_mask`; later layers of the segment get the
+  same substitutes. The loop passes each layer's output to the next, so layers K.. run on the
+  kept tokens and each layer's KV cache holds exactly the tokens that layer saw;
+- a forward hook on the decoder checks the invariants after every call (per-layer cache lengths
+  equal to the schedule's) and records the statistics;
+- an attention function registered in `AttentionInterface` (with the matching mask function in
+  `AttentionMaskInterface`) wraps the model's own implementation (sdpa, eager, flash...) and
+  passes every call through unchanged, except inside a ranking layer K-1 during prefill, where it
+  also computes the attention rows the criterion needs (queries x all keys, softmax, head mean).
 
-Prefill runs layers 0..K1-1 on every token, ranks, gathers the kept tokens (in order, with their
-original RoPE positions) and continues; each layer's KV cache therefore holds only the tokens that
-layer saw. Decode steps build one mask per segment from the 2D attention mask, selecting the kept
-prompt columns, so they attend to the pruned cache of each layer.
+Decode steps attend to the pruned cache: layers from K1 on get a mask built from the call's 2D
+attention mask with the kept prompt columns selected. A layout this module does not recognise
+(a renamed keyword, a missing attribute) raises at `apply`, naming the transformers version.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import time
-import types
+import warnings
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -31,6 +43,31 @@ from himap.schedule import Schedule, Stage, get_schedule
 from himap.tokens import TokenSets, token_sets
 
 _WRAPPER_PREFIX = "himap_"
+SUPPORTED_TRANSFORMERS = ("5.23", "5.24")
+"""The transformers releases (major.minor) the test suite ran on; pyproject.toml admits exactly these."""
+CACHE_KEYWORDS = ("cache", "past_key_values")  # the cache's keyword: 5.24 renamed past_key_values
+
+
+class LayoutError(TypeError):
+    """The installed transformers lays a model out in a way this engine does not recognise."""
+
+
+def _versions() -> str:
+    import transformers
+
+    return (f"transformers {transformers.__version__}; himap is tested with "
+            f"{' and '.join(SUPPORTED_TRANSFORMERS)}")
+
+
+def _layout_error(what: str) -> LayoutError:
+    return LayoutError(f"{what} ({_versions()}). Install a supported transformers release "
+                       f"(pip install 'transformers>={SUPPORTED_TRANSFORMERS[0]},"
+                       f"<{_next_minor(SUPPORTED_TRANSFORMERS[-1])}') or report the new layout.")
+
+
+def _next_minor(version: str) -> str:
+    major, minor = version.split(".")[:2]
+    return f"{major}.{int(minor) + 1}"
 
 
 @dataclass
@@ -42,6 +79,7 @@ class PruneStats:
     kept_image_indices: list[list[list[int]]] = field(default_factory=list)  # [stage][B] kept indices into the sample's image tokens
     kv_cache_lengths: list[int] = field(default_factory=list)  # [L] cache length per layer after the last call
     ranking_seconds: float = 0.0  # time spent ranking and gathering in the last prefill
+    check_seconds: float = 0.0  # time spent on run-time invariant checks since the last prefill began
     pruned: bool = False  # whether any stage ran
     notes: list[str] = field(default_factory=list)  # e.g. "no image tokens: ran unpruned"
 
@@ -66,7 +104,6 @@ class _Tokens:
     index: torch.Tensor  # [B, T'] original prompt positions
     valid: torch.Tensor  # [B, T'] real tokens (not padding or filler)
     sets: TokenSets  # S, V, I restricted to these tokens
-    position_ids: torch.Tensor  # [B, T'] original RoPE positions
 
     def gather(self, local: torch.Tensor, local_valid: torch.Tensor) -> "_Tokens":
         g = lambda t: t.gather(1, local)  # noqa: E731
@@ -74,25 +111,61 @@ class _Tokens:
         s = self.sets
         sets = TokenSets(system=g(s.system) & valid, image=g(s.image) & valid,
                          instruction=g(s.instruction) & valid, valid=valid)
-        return _Tokens(g(self.index), valid, sets, g(self.position_ids))
+        return _Tokens(g(self.index), valid, sets)
+
+
+@dataclass
+class _Segment:
+    """Layers [start, end) and the tokens they see; `substitute` holds the layer keyword arguments
+    (mask, position embeddings) built for the current call at the segment's first layer."""
+
+    start: int
+    end: int
+    tokens: _Tokens
+    substitute: dict | None = None
+
+
+@dataclass
+class _Call:
+    """The decoder call in progress (set by the decoder pre-hook, cleared by its forward hook)."""
+
+    prefill: bool
+    mask2d: torch.Tensor  # [B, past + T] bool
+    ids: torch.Tensor | None  # [B, T] prompt ids (prefill)
+    cache: object = None  # the cache the layers receive
+    segments: list = field(default_factory=list)  # [_Segment] from K1 on
+    stage: int = 0  # next stage to run (prefill)
+    tokens: _Tokens | None = None  # tokens present (prefill)
+    image_index: torch.Tensor | None = None  # [B, T] index among the sample's image tokens
+    layer_counts: list = field(default_factory=list)  # [(tokens [B], image tokens [B], layers)] (prefill)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How the installed transformers calls a decoder and its layers (checked at `apply`)."""
+
+    cache_keyword: str  # "cache" (5.24) or "past_key_values" (5.23)
+    mask_builders: tuple  # [L] the masking_utils function that builds each layer's mask
 
 
 class PruneHandle:
     """Returned by `apply`: the schedule in force and the statistics of the last call."""
 
     def __init__(self, model, schedule: Schedule, adapter, base_impl: str, sync_timing: bool,
-                 replay: list | None = None):
+                 replay: list | None, layout: _Layout):
         self.model = model
         self.replay = replay  # kept_image_indices [stage][B] to reuse instead of ranking
         self.schedule = schedule
         self.adapter = adapter
         self.base_impl = base_impl  # the attention implementation the wrapper delegates to
         self.sync_timing = sync_timing  # synchronise CUDA around ranking to time it exactly
+        self.layout = layout
         self.stats: PruneStats | None = None
-        self._input_ids = None  # recorded by the pre-hook for the next decoder call
+        self._input_ids = None  # recorded by the multimodal pre-hook for the next decoder call
         self._capture: _Capture | None = None
-        self._segments = None  # [(start, end, _Tokens)] of the last prefill, for decode
-        self._prompt_len = 0
+        self._call: _Call | None = None
+        self._prefill = None  # (weakref to its cache or None, prompt length, [_Segment]) of the last prefill
+        self._probing = False  # layers run by the gradient criterion: hooks stand aside
         self._hooks = []
 
     def __repr__(self):
@@ -105,8 +178,9 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, k
                    scaling: float) -> torch.Tensor:
     """Head-averaged causal softmax attention for the query rows marked in `rows` (prefill).
 
-    query [B, Hq, T, D] and key [B, Hkv, T, D] are post-RoPE; GQA keys are repeated to the query
-    heads before the mean. Returns [B, T, T] with the asked rows filled and zeros elsewhere.
+    query [B, Hq, T, D] and key [B, Hkv, T, D] are post-RoPE; under GQA each query head uses its
+    key head (the same as repeat_kv before the mean). Returns [B, T, T] with the asked rows filled
+    and zeros elsewhere.
     """
     b, hq, t, d = query.shape
     hkv = key.shape[1]
@@ -140,7 +214,7 @@ def _wrapped_attention(module, query, key, value, attention_mask, **kwargs):
     """Registered attention function: the model's own implementation, plus ranking rows in K-1."""
     handle: PruneHandle = module._himap_handle
     cap = handle._capture
-    if cap is not None and cap.layer == module.layer_idx and cap.attn is None:
+    if cap is not None and cap.layer == module.layer_idx and cap.attn is None and not handle._probing:
         t0 = _clock(query, handle.sync_timing)
         scaling = kwargs.get("scaling") or module.scaling
         cap.attn = attention_rows(query, key, cap.rows, cap.valid, scaling)
@@ -167,6 +241,57 @@ def _register_wrapper(base_impl: str) -> str:
     AttentionInterface.register(name, _wrapped_attention)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_impl])
     return name
+
+
+# ----------------------------------------------------------------------------- layout
+
+def _params(fn) -> set[str]:
+    return set(inspect.signature(fn).parameters)
+
+
+def check_layout(lm) -> _Layout:
+    """How `lm`'s forward calls its layers, read from signatures; raises LayoutError for a layout
+    this engine does not know (checked at `apply`, before any token is produced)."""
+    from transformers import masking_utils
+
+    for part in ("layers", "config", "forward"):
+        if not hasattr(lm, part):
+            raise _layout_error(f"{type(lm).__name__} has no `{part}`")
+    lm_params = _params(lm.forward)
+    cache_kw = next((k for k in CACHE_KEYWORDS if k in lm_params), None)
+    missing = {"input_ids", "inputs_embeds", "attention_mask"} - lm_params
+    if cache_kw is None or missing:
+        raise _layout_error(f"{type(lm).__name__}.forward takes {sorted(lm_params)}; expected input_ids, "
+                            f"inputs_embeds, attention_mask and a cache keyword ({' or '.join(CACHE_KEYWORDS)})")
+    builders = []
+    for i, layer in enumerate(lm.layers):
+        layer_params = _params(layer.forward)
+        need = {"attention_mask", "position_embeddings", cache_kw}
+        if not need <= layer_params:
+            raise _layout_error(f"decoder layer {i} ({type(layer).__name__}).forward lacks "
+                                f"{sorted(need - layer_params)}")
+        attn = getattr(layer, "self_attn", None)
+        if getattr(attn, "layer_idx", None) != i:
+            raise _layout_error(f"decoder layer {i} has no self_attn with layer_idx {i}")
+        kind = getattr(layer, "attention_type", "full_attention")
+        builder = {"full_attention": "create_causal_mask",
+                   "sliding_attention": "create_sliding_window_causal_mask"}.get(kind)
+        if builder is None:
+            raise _layout_error(f"decoder layer {i} has attention type {kind!r}, which himap does not prune")
+        fn = getattr(masking_utils, builder, None)
+        if fn is None or not {cache_kw, "layer_idx", "attention_mask", "position_ids"} <= _params(fn):
+            raise _layout_error(f"masking_utils.{builder} does not take {cache_kw}= and layer_idx=")
+        builders.append(fn)
+    return _Layout(cache_kw, tuple(builders))
+
+
+def _check_version() -> None:
+    import transformers
+
+    minor = ".".join(transformers.__version__.split(".")[:2])
+    if minor not in SUPPORTED_TRANSFORMERS:
+        warnings.warn(f"himap was not tested with {_versions()}; its layout checks passed, and every "
+                      f"call is checked at run time", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -206,6 +331,9 @@ def _stage_scores(handle: PruneHandle, stage: Stage, tokens: _Tokens, hidden: to
     if stage.drop_all:
         return torch.zeros(tokens.valid.shape, device=hidden.device)
     if stage.criterion in criteria.ATTENTION_CRITERIA:
+        if handle._capture is None or handle._capture.attn is None:
+            raise _layout_error(f"layer {stage.k - 1}'s attention did not pass through himap's registered "
+                                f"attention function, so its ranking rows are missing")
         return criteria.ATTENTION_CRITERIA[stage.criterion](handle._capture.attn, tokens.sets)
     if stage.criterion == "random":
         return criteria.random_scores(tokens.sets, stage.seed)
@@ -216,7 +344,7 @@ def _stage_scores(handle: PruneHandle, stage: Stage, tokens: _Tokens, hidden: to
     raise ValueError(f"unknown criterion {stage.criterion!r}")
 
 
-# ----------------------------------------------------------------------------- decoder forward
+# ----------------------------------------------------------------------------- decoder call
 
 def _check_cache(cache) -> None:
     from transformers.cache_utils import DynamicCache
@@ -227,169 +355,260 @@ def _check_cache(cache) -> None:
                         f"(cache_implementation='dynamic').")
 
 
-def _segment_mask(lm, hidden, mask2d, cache, layer_idx):
-    from transformers.masking_utils import create_causal_mask
-
-    # position_ids=None: gapped kept positions must not be mistaken for packed sequences.
-    return create_causal_mask(config=lm.config, inputs_embeds=hidden, attention_mask=mask2d,
-                              past_key_values=cache, position_ids=None, layer_idx=layer_idx)
+def _cache_lengths(cache, num_layers: int) -> list[int]:
+    return [int(cache.get_seq_length(i)) for i in range(num_layers)]
 
 
-def _run_layers(lm, hidden, layers, mask, pos_emb, position_ids, cache, use_cache, kwargs):
-    for layer_idx in layers:
-        hidden = lm.layers[layer_idx](hidden, attention_mask=mask, position_embeddings=pos_emb,
-                                      position_ids=position_ids, past_key_values=cache,
-                                      use_cache=use_cache, **kwargs)
-    return hidden
-
-
-def _prefill(lm, handle: PruneHandle, ids, hidden, mask2d, position_ids, cache, use_cache, kwargs):
-    b, t = hidden.shape[:2]
-    num_layers = len(lm.layers)
-    sets = token_sets(ids, handle.adapter.image_token_id(handle.model), mask2d)
-    stats = handle.stats = PruneStats()
-    stages = list(handle.schedule.stages)
-    if stages and not bool(sets.image.any()):
-        stats.notes.append("no image tokens in the prompt: ran unpruned")
-        stages = []
-    elif stages and not bool(sets.image.any(dim=1).all()):
-        stats.notes.append("some samples have no image tokens: nothing pruned in those")
-    stats.pruned = bool(stages)
-    tokens = _Tokens(torch.arange(t, device=hidden.device).expand(b, t), sets.valid, sets, position_ids)
-    image_index = _image_index(sets)
-    bounds = [s.k for s in stages] + [num_layers]
-    segments, start = [], 0
-    per_layer_tokens, per_layer_images = [], []
-    for stage_i, end in enumerate(bounds):
-        stage = stages[stage_i] if stage_i < len(stages) else None
-        seg_mask2d = mask2d.gather(1, tokens.index) & tokens.valid
-        mask = _segment_mask(lm, hidden, seg_mask2d, cache, start)
-        pos_emb = lm.rotary_emb(hidden, position_ids=tokens.position_ids)
-        layer_pos = position_ids if start == 0 else None
-        replaying = handle.replay is not None
-        if stage is not None and stage.criterion in criteria.ATTENTION_CRITERIA and not stage.drop_all \
-                and not replaying:
-            handle._capture = _Capture(end - 1, criteria.needed_rows(stage.criterion, tokens.sets), tokens.valid)
-        hidden = _run_layers(lm, hidden, range(start, end), mask, pos_emb, layer_pos, cache, use_cache, kwargs)
-        per_layer_tokens += [tokens.valid.sum(1).tolist()] * (end - start)
-        per_layer_images += [tokens.sets.image.sum(1).tolist()] * (end - start)
-        segments.append((start, end, tokens))
-        if stage is not None:
-            t0 = _clock(hidden, handle.sync_timing)
-            grad_fn = lambda h: _greedy_loss_grad(lm, handle, h, range(end, num_layers), mask, pos_emb)  # noqa: E731
-            if replaying:
-                scores = _replay_scores(handle.replay[stage_i], tokens, image_index)
-            else:
-                scores = _stage_scores(handle, stage, tokens, hidden, grad_fn)
-            keep = criteria.select_kept(scores, tokens.sets, stage.ratio, stage.drop_all)
-            local, local_valid = compact(keep)
-            hidden = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T', d]
-            tokens = tokens.gather(local, local_valid)
-            kept = image_index.gather(1, tokens.index)
-            stats.kept_image_indices.append(
-                [kept[i][tokens.sets.image[i]].tolist() for i in range(b)])
-            handle._capture = None
-            stats.ranking_seconds += _clock(hidden, handle.sync_timing) - t0
-        start = end
-    stats.tokens_per_layer = [list(x) for x in zip(*per_layer_tokens)]
-    stats.image_tokens_per_layer = [list(x) for x in zip(*per_layer_images)]
-    handle._segments = segments if stages else None
-    handle._prompt_len = t
-    return hidden
-
-
-def _greedy_loss_grad(lm, handle, hidden, layers, mask, pos_emb):
-    """dL/dh for h entering layer K, L the cross-entropy of the model's own greedy next token,
-    through the remaining layers run without cache (gradient criterion)."""
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("the gradient criterion needs autograd: run under torch.no_grad(), "
-                           "not torch.inference_mode()")
-    with torch.enable_grad():
-        h0 = hidden.detach().requires_grad_(True)
-        h = _run_layers(lm, h0, layers, mask, pos_emb, None, None, False, {})
-        logits = handle.adapter.lm_head(handle.model)(lm.norm(h[:, -1])).float()  # [B, V]
-        loss = torch.nn.functional.cross_entropy(logits, logits.argmax(-1), reduction="sum")
-        return torch.autograd.grad(loss, h0)[0]
-
-
-def _decode(lm, handle: PruneHandle, hidden, mask2d, position_ids, cache, use_cache, kwargs):
-    pos_emb = lm.rotary_emb(hidden, position_ids=position_ids)
-    p = handle._prompt_len
-    for start, end, tokens in handle._segments:
-        prompt_part = mask2d[:, :p].gather(1, tokens.index) & tokens.valid
-        seg_mask2d = torch.cat([prompt_part, mask2d[:, p:].bool()], dim=1)
-        mask = _segment_mask(lm, hidden, seg_mask2d, cache, start)
-        hidden = _run_layers(lm, hidden, range(start, end), mask, pos_emb,
-                             position_ids if start == 0 else None, cache, use_cache, kwargs)
-    return hidden
-
-
-def _decoder_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                     inputs_embeds=None, use_cache=None, **kwargs):
-    """Replacement for the decoder's forward while a schedule is applied (see module docstring)."""
-    from transformers.cache_utils import DynamicCache
-    from transformers.modeling_outputs import BaseModelOutputWithPast
-
-    handle: PruneHandle = self._himap_handle
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-    ids = input_ids if input_ids is not None else handle._input_ids
+def _decoder_pre_hook(handle: PruneHandle, lm, args, kwargs):
+    """Start of a decoder call: prefill (rank and prune) or decode step (continue a prefill)."""
+    handle._call = None
+    if handle._probing:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    cache = kwargs.get(handle.layout.cache_keyword)
+    ref = embeds if embeds is not None else ids
+    if ref is None:
+        return None  # the model's own forward raises for this
+    b, t = ref.shape[:2]
+    if ids is None:
+        ids = handle._input_ids
     handle._input_ids = None
-    if inputs_embeds is None:
-        inputs_embeds = self.embed_tokens(input_ids)
-    if use_cache and past_key_values is None:
-        past_key_values = DynamicCache(config=self.config)
     if handle.schedule.stages:
-        _check_cache(past_key_values)
-    b, t = inputs_embeds.shape[:2]
-    past = past_key_values.get_seq_length() if past_key_values is not None else 0
-    if position_ids is None:
-        position_ids = (torch.arange(t, device=inputs_embeds.device) + past)[None]
-    position_ids = position_ids.expand(b, -1)
-    if attention_mask is None:
-        attention_mask = torch.ones((b, past + t), dtype=torch.bool, device=inputs_embeds.device)
-    if attention_mask.dim() != 2:
+        _check_cache(cache)
+    past = int(cache.get_seq_length()) if cache is not None else 0
+    mask2d = kwargs.get("attention_mask")
+    if mask2d is None:
+        mask2d = torch.ones((b, past + t), dtype=torch.bool, device=ref.device)
+    if mask2d.dim() != 2:
         raise ValueError("himap needs a 2D attention mask [batch, length] to build per-layer masks; "
-                         f"got shape {tuple(attention_mask.shape)}")
-    attention_mask = attention_mask.bool()
+                         f"got shape {tuple(mask2d.shape)}")
     if past == 0:
         if ids is None or tuple(ids.shape) != (b, t):
             raise ValueError("himap needs the prompt's input_ids to find image tokens; call the model "
                              "with input_ids (not only inputs_embeds)")
-        hidden = _prefill(self, handle, ids, inputs_embeds, attention_mask, position_ids,
-                          past_key_values, use_cache, kwargs)
-    elif handle._segments is None:
-        _require_uniform_cache(past_key_values, len(self.layers))
-        mask = _segment_mask(self, inputs_embeds, attention_mask, past_key_values, 0)
-        hidden = _run_layers(self, inputs_embeds, range(len(self.layers)), mask,
-                             self.rotary_emb(inputs_embeds, position_ids=position_ids), position_ids,
-                             past_key_values, use_cache, kwargs)
+        handle._call = _start_prefill(handle, ids, mask2d.bool())
     else:
-        hidden = _decode(self, handle, inputs_embeds, attention_mask, position_ids, past_key_values,
-                         use_cache, kwargs)
-    if handle.stats is not None and past_key_values is not None:
-        handle.stats.kv_cache_lengths = [past_key_values.get_seq_length(i) for i in range(len(self.layers))]
-    return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=past_key_values)
+        handle._call = _start_decode(handle, lm, cache, mask2d.bool(), past)
+    return None
 
 
-def _require_uniform_cache(cache, num_layers: int) -> None:
-    lengths = {cache.get_seq_length(i) for i in range(num_layers)}
-    if len(lengths) > 1:
-        raise RuntimeError("this cache was pruned by a different call (per-layer lengths differ) and "
-                           "himap has no record of its kept tokens; start from a fresh cache")
+def _start_prefill(handle: PruneHandle, ids, mask2d) -> _Call:
+    sets = token_sets(ids, handle.adapter.image_token_id(handle.model), mask2d)
+    stats = handle.stats = PruneStats()
+    handle._prefill = None
+    call = _Call(prefill=True, mask2d=mask2d, ids=ids)
+    b, t = ids.shape
+    call.tokens = _Tokens(torch.arange(t, device=ids.device).expand(b, t), sets.valid, sets)
+    call.image_index = _image_index(sets)
+    stages = handle.schedule.stages
+    if stages and not bool(sets.image.any()):
+        stats.notes.append("no image tokens in the prompt: ran unpruned")
+        call.stage = len(stages)
+    elif stages and not bool(sets.image.any(dim=1).all()):
+        stats.notes.append("some samples have no image tokens: nothing pruned in those")
+    stats.pruned = call.stage < len(stages)
+    _request_rows(handle, call)
+    return call
 
 
-def _decorate(fn):
-    """Wrap like the library's own decoder forward, so output_hidden_states/attentions still work."""
+def _start_decode(handle: PruneHandle, lm, cache, mask2d, past: int) -> _Call:
+    t0 = time.perf_counter()
+    if handle.stats is None:
+        handle.stats = PruneStats()
     try:
-        from transformers.utils.generic import merge_with_config_defaults
-        from transformers.utils.output_capturing import capture_outputs
-    except ImportError:  # older layouts: outputs capture unavailable, pruning unaffected
-        return fn
-    return merge_with_config_defaults(capture_outputs(fn))
+        return _check_decode(handle, cache, mask2d, past, _cache_lengths(cache, len(lm.layers)))
+    finally:
+        handle.stats.check_seconds += time.perf_counter() - t0
 
 
-_DECORATED_FORWARD = _decorate(_decoder_forward)
+def _check_decode(handle: PruneHandle, cache, mask2d, past: int, lengths: list[int]) -> _Call:
+    """A decode step's call, after checking it continues the last prefill's cache layer by layer."""
+    prefill = handle._prefill
+    if prefill is None or prefill[2] == []:
+        if len(set(lengths)) > 1:
+            raise RuntimeError("this cache was pruned by a different call (per-layer lengths differ) and "
+                               "himap has no record of its kept tokens; start from a fresh cache")
+        return _Call(prefill=False, mask2d=mask2d, ids=None, cache=cache)
+    cache_ref, prompt_len, segments = prefill
+    if cache_ref is None or cache_ref() is not cache:
+        raise RuntimeError("this decode step continues a cache that the last pruned prefill did not fill; "
+                           "himap holds the kept tokens of one prefill at a time: prefill again")
+    generated = past - prompt_len
+    expected = [prompt_len + generated] * segments[0].start
+    for seg in segments:
+        expected += [seg.tokens.index.shape[1] + generated] * (seg.end - seg.start)
+    if lengths != expected:
+        raise RuntimeError(f"per-layer cache lengths {lengths} differ from the pruned prefill's "
+                           f"{expected} ({_versions()})")
+    return _Call(prefill=False, mask2d=mask2d, ids=None, cache=cache,
+                 segments=[_Segment(s.start, s.end, s.tokens) for s in segments])
+
+
+def _request_rows(handle: PruneHandle, call: _Call) -> None:
+    """Ask the attention wrapper for the rows the next stage's criterion reads (layer K-1)."""
+    handle._capture = None
+    stages = handle.schedule.stages
+    if call.stage >= len(stages) or handle.replay is not None:
+        return
+    stage = stages[call.stage]
+    if stage.criterion in criteria.ATTENTION_CRITERIA and not stage.drop_all:
+        handle._capture = _Capture(stage.k - 1, criteria.needed_rows(stage.criterion, call.tokens.sets),
+                                   call.tokens.valid)
+
+
+def _layer_pre_hook(handle: PruneHandle, lm, layer_idx: int, args, kwargs):
+    """Before decoder layer `layer_idx`: prune at a stage boundary, substitute in pruned segments."""
+    call = handle._call
+    if call is None or handle._probing:
+        return None
+    if layer_idx == 0:
+        for key in ("attention_mask", "position_embeddings", handle.layout.cache_keyword):
+            if key not in kwargs:
+                raise _layout_error(f"the decoder called layer 0 without `{key}=`")
+        call.cache = kwargs[handle.layout.cache_keyword]
+    stages = handle.schedule.stages
+    if call.prefill and call.stage < len(stages) and stages[call.stage].k == layer_idx:
+        hidden = _prune(handle, lm, call, args[0] if args else kwargs["hidden_states"], kwargs)
+        args, kwargs = _with_hidden(args, kwargs, hidden)
+    seg = next((s for s in call.segments if s.start <= layer_idx < s.end), None)
+    if seg is None:
+        return None
+    if seg.substitute is None:  # a decode step's first layer of this segment
+        seg.substitute = _decode_substitute(handle, lm, call, seg, args[0] if args else kwargs["hidden_states"])
+    return args, {**kwargs, **seg.substitute}
+
+
+def _with_hidden(args, kwargs, hidden):
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _gather_positions(position_embeddings, index: torch.Tensor):
+    """The library's (cos, sin) for the kept tokens: each [B|1, T, D] gathered to [B, T', D]."""
+    out = []
+    for pe in position_embeddings:
+        if pe.dim() != 3:
+            raise _layout_error(f"position embeddings of shape {tuple(pe.shape)}; expected [batch, tokens, dim]")
+        pe = pe.expand(index.shape[0], -1, -1)
+        out.append(pe.gather(1, index[..., None].expand(-1, -1, pe.shape[-1])))
+    return tuple(out)
+
+
+def _build_mask(handle: PruneHandle, lm, layer_idx: int, hidden, mask2d, cache):
+    builder = handle.layout.mask_builders[layer_idx]
+    # position_ids=None: gapped kept positions must not be mistaken for packed sequences.
+    return builder(config=lm.config, inputs_embeds=hidden, attention_mask=mask2d,
+                   position_ids=None, layer_idx=layer_idx, **{handle.layout.cache_keyword: cache})
+
+
+def _prune(handle: PruneHandle, lm, call: _Call, hidden, kwargs):
+    """Stage `call.stage` at its layer K: score, keep, gather; returns the kept hidden states."""
+    stage = handle.schedule.stages[call.stage]
+    stats, tokens, num_layers = handle.stats, call.tokens, len(lm.layers)
+    t0 = _clock(hidden, handle.sync_timing)
+    _record_layers(call, stage.k)
+    if handle.replay is not None:
+        scores = _replay_scores(handle.replay[call.stage], tokens, call.image_index)
+    else:
+        grad_fn = lambda h: _greedy_loss_grad(handle, lm, h, stage.k, kwargs)  # noqa: E731
+        scores = _stage_scores(handle, stage, tokens, hidden, grad_fn)
+    keep = criteria.select_kept(scores, tokens.sets, stage.ratio, stage.drop_all)
+    local, local_valid = compact(keep)
+    hidden = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T', d]
+    tokens = call.tokens = tokens.gather(local, local_valid)
+    kept = call.image_index.gather(1, tokens.index)
+    stats.kept_image_indices.append([kept[i][tokens.sets.image[i]].tolist() for i in range(kept.shape[0])])
+    call.stage += 1
+    end = handle.schedule.stages[call.stage].k if call.stage < len(handle.schedule.stages) else num_layers
+    seg_mask2d = call.mask2d.gather(1, tokens.index) & tokens.valid
+    substitute = {"attention_mask": _build_mask(handle, lm, stage.k, hidden, seg_mask2d, call.cache),
+                  "position_embeddings": _gather_positions(kwargs["position_embeddings"], tokens.index),
+                  "position_ids": None}
+    call.segments.append(_Segment(stage.k, end, tokens, substitute))
+    _request_rows(handle, call)
+    stats.ranking_seconds += _clock(hidden, handle.sync_timing) - t0
+    return hidden
+
+
+def _record_layers(call: _Call, end: int) -> None:
+    """Note the tokens present in layers [segment start, end) (statistics)."""
+    start = call.segments[-1].start if call.segments else 0
+    call.layer_counts.append((call.tokens.valid.sum(1).tolist(), call.tokens.sets.image.sum(1).tolist(),
+                              end - start))
+
+
+def _per_layer(rows: list, column: int) -> list[list[int]]:
+    """[(tokens per sample, image tokens per sample, layers)] -> [B][L] for one column."""
+    per_layer = [row[column] for row in rows for _ in range(row[2])]
+    return [list(x) for x in zip(*per_layer)]
+
+
+def _decode_substitute(handle: PruneHandle, lm, call: _Call, seg: _Segment, hidden) -> dict:
+    """The mask of a decode step for a segment's layers: kept prompt columns, then every later one."""
+    p = handle._prefill[1]
+    prompt_part = call.mask2d[:, :p].gather(1, seg.tokens.index) & seg.tokens.valid
+    seg_mask2d = torch.cat([prompt_part, call.mask2d[:, p:]], dim=1)
+    return {"attention_mask": _build_mask(handle, lm, seg.start, hidden, seg_mask2d, call.cache),
+            "position_ids": None}
+
+
+def _greedy_loss_grad(handle: PruneHandle, lm, hidden, k: int, kwargs):
+    """dL/dh for h entering layer K, L the cross-entropy of the model's own greedy next token,
+    through the remaining layers run on every token present, without cache (gradient criterion)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("the gradient criterion needs autograd: run under torch.no_grad(), "
+                           "not torch.inference_mode()")
+    call = handle._call
+    tokens = call.tokens
+    mask2d = call.mask2d.gather(1, tokens.index) & tokens.valid
+    pos = _gather_positions(kwargs["position_embeddings"], tokens.index)
+    handle._probing = True
+    try:
+        with torch.enable_grad():
+            h0 = hidden.detach().requires_grad_(True)
+            mask = _build_mask(handle, lm, k, h0, mask2d, None)
+            h = h0
+            for layer in lm.layers[k:]:
+                h = layer(h, attention_mask=mask, position_embeddings=pos)
+            logits = handle.adapter.lm_head(handle.model)(lm.norm(h[:, -1])).float()  # [B, V]
+            loss = torch.nn.functional.cross_entropy(logits, logits.argmax(-1), reduction="sum")
+            return torch.autograd.grad(loss, h0)[0]
+    finally:
+        handle._probing = False
+
+
+def _decoder_hook(handle: PruneHandle, lm, args, kwargs, output):
+    """End of a decoder call: check per-layer cache lengths against the schedule, record stats."""
+    call, handle._call = handle._call, None
+    handle._capture = None
+    if call is None:
+        return None
+    num_layers = len(lm.layers)
+    stats = handle.stats
+    if call.prefill:
+        _record_layers(call, num_layers)
+        stats.tokens_per_layer = _per_layer(call.layer_counts, 0)
+        stats.image_tokens_per_layer = _per_layer(call.layer_counts, 1)
+    cache = call.cache
+    if cache is None:
+        if call.prefill:
+            handle._prefill = (None, call.ids.shape[1], call.segments)
+        return None
+    t0 = time.perf_counter()
+    lengths = _cache_lengths(cache, num_layers)
+    if call.prefill:
+        expected = [call.ids.shape[1]] * num_layers
+        for seg in call.segments:
+            expected[seg.start:seg.end] = [seg.tokens.index.shape[1]] * (seg.end - seg.start)
+        if lengths != expected:
+            raise RuntimeError(f"after the pruned prefill the per-layer cache lengths are {lengths}, the "
+                               f"schedule gives {expected} ({_versions()})")
+        handle._prefill = (weakref.ref(cache), call.ids.shape[1], call.segments)
+    stats.kv_cache_lengths = lengths
+    stats.check_seconds += time.perf_counter() - t0
+    return None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -399,14 +618,16 @@ def apply(model, method: "str | Schedule" = "himap", *, sync_timing: bool = Fals
     """Attach a pruning schedule (preset name or Schedule) to `model` in place; return its handle.
 
     Every layer keeps its attention implementation; `model.generate` and `model(...)` prune once
-    per prefill. Raises for unsupported model classes and schedules that do not fit the model.
-    `sync_timing` synchronises CUDA around the ranking so stats.ranking_seconds is exact.
+    per prefill. Raises for unsupported model classes, layouts and schedules that do not fit the
+    model. `sync_timing` synchronises CUDA around the ranking so stats.ranking_seconds is exact.
     `replay` (a previous stats.kept_image_indices) keeps exactly those image tokens at each stage
     instead of ranking: the same pruning on another implementation, batch or sequence.
     """
     adapter = find_adapter(model)
     schedule = get_schedule(method)
     lm = adapter.language_model(model)
+    layout = check_layout(lm)
+    _check_version()
     schedule.validate_for(len(lm.layers))
     if replay is not None and len(replay) != len(schedule.stages):
         raise ValueError(f"replay has {len(replay)} stage(s), the schedule has {len(schedule.stages)}")
@@ -414,20 +635,35 @@ def apply(model, method: "str | Schedule" = "himap", *, sync_timing: bool = Fals
         raise RuntimeError("himap is already applied to this model; call himap.remove(model) first")
     base_impl = lm.config._attn_implementation or "eager"
     name = _register_wrapper(base_impl)
-    handle = PruneHandle(model, schedule, adapter, base_impl, sync_timing, replay)
+    handle = PruneHandle(model, schedule, adapter, base_impl, sync_timing, replay, layout)
     lm._himap_handle = handle
     for layer in lm.layers:
         layer.self_attn._himap_handle = handle
-    lm.forward = types.MethodType(_DECORATED_FORWARD, lm)
-    handle._hooks.append(adapter.multimodal_model(model).register_forward_pre_hook(
+    hooks = handle._hooks
+    hooks.append(adapter.multimodal_model(model).register_forward_pre_hook(
         lambda mod, args, kw: setattr(handle, "_input_ids", kw.get("input_ids", args[0] if args else None)),
         with_kwargs=True))
+    if schedule.stages:
+        hooks.append(model.register_forward_pre_hook(_refuse_labels, with_kwargs=True))
+    hooks.append(lm.register_forward_pre_hook(
+        lambda mod, args, kw: _decoder_pre_hook(handle, mod, args, kw), with_kwargs=True))
+    hooks.append(lm.register_forward_hook(
+        lambda mod, args, kw, out: _decoder_hook(handle, mod, args, kw, out), with_kwargs=True))
+    for i, layer in enumerate(lm.layers):
+        hooks.append(layer.register_forward_pre_hook(
+            lambda mod, args, kw, i=i: _layer_pre_hook(handle, lm, i, args, kw), with_kwargs=True))
     model.set_attn_implementation({"text_config": name})
     return handle
 
 
+def _refuse_labels(module, args, kwargs):
+    if kwargs.get("labels") is not None:
+        raise ValueError("himap drops image tokens inside the decoder, so per-token labels no longer line up "
+                         "with the logits; compute the loss without pruning (or from the last position's logits)")
+
+
 def remove(model) -> None:
-    """Detach himap from `model`: the original forward, attention implementation and no hooks."""
+    """Detach himap from `model`: no hooks, the original attention implementation."""
     adapter = find_adapter(model)
     lm = adapter.language_model(model)
     handle = getattr(lm, "_himap_handle", None)
@@ -435,8 +671,6 @@ def remove(model) -> None:
         return
     for h in handle._hooks:
         h.remove()
-    if "forward" in lm.__dict__:
-        del lm.forward
     for layer in lm.layers:
         layer.self_attn.__dict__.pop("_himap_handle", None)
     del lm._himap_handle
