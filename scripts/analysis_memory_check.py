@@ -1,7 +1,14 @@
-import sys, time, resource, json, torch
+import json
+import resource
+import sys
+import time
+
+import torch
+
 torch.set_num_threads(1)
-from himap.testing import tiny_llava, tiny_inputs
-from himap.analysis.saliency import saliency, SaliencyConfig
+from himap.analysis.saliency import SaliencyConfig, saliency
+from himap.models.testing import tiny_inputs, tiny_llava
+
 mode = sys.argv[1]
 L = int(sys.argv[2]) if len(sys.argv) > 2 else 16
 m = tiny_llava(seed=0, attn_implementation="eager" if mode == "reference" else "sdpa", num_layers=L, hidden=512, heads=8, kv_heads=8, image_size=96, patch=4, vocab=1000)

@@ -1,9 +1,9 @@
-"""Ablation schedule builders (himap.ablations): counts, FLOPs matching, names."""
+"""Ablation schedule builders (himap.evaluation.ablations): counts, FLOPs matching, names."""
 
 import pytest
 
-from himap import ablations as A
-from himap.schedule import PRESETS, Schedule, Stage, image_tokens_per_layer
+from himap.evaluation import ablations as A
+from himap.prune.schedule import PRESETS, Schedule, Stage, image_tokens_per_layer
 
 LLAVA_7B = dict(n=576, L=32, d=4096, m=11008)
 LLAVA_13B = dict(n=576, L=40, d=5120, m=13824)

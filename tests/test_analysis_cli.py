@@ -7,11 +7,18 @@ import os
 import pytest
 import torch
 
-from himap.analysis.data import (ResultFile, answer_tokens, blank_image, drop_image_tokens, load_items,
-                                 read_ids, sample_seed)
+from himap.analysis.data import (
+    ResultFile,
+    answer_tokens,
+    blank_image,
+    drop_image_tokens,
+    load_items,
+    read_ids,
+    sample_seed,
+)
 from himap.analysis.filter import FilterConfig, filter_batch, first_tokens
 from himap.cli import main
-from himap.testing import IMAGE_TOKEN_ID, PAD_TOKEN_ID
+from himap.models.testing import IMAGE_TOKEN_ID, PAD_TOKEN_ID
 
 N_LAYERS = 4
 
@@ -23,8 +30,8 @@ def workspace(tmp_path_factory):
     from PIL import Image
 
     from himap.analysis.data import build_batch, read_jsonl_items
-    from himap.loading import load_model
-    from himap.testing import save_tiny_model_dir
+    from himap.models.loading import load_model
+    from himap.models.testing import save_tiny_model_dir
 
     root = tmp_path_factory.mktemp("analyze")
     model_dir = root / "model"
@@ -151,7 +158,7 @@ def test_bad_runs_fail_clearly(workspace, capsys, tmp_path):
 
 
 def test_answer_tokens_accept_case_and_space_variants():
-    from himap.offline_processor import build_tokenizer
+    from himap.builtin.offline_processor import build_tokenizer
 
     tok = build_tokenizer()
     target, accepted = answer_tokens(tok, "yes")
@@ -176,7 +183,7 @@ def test_drop_and_blank_image():
 
 
 def test_filter_batch_keeps_samples_that_need_the_image():
-    from himap.testing import tiny_inputs, tiny_llava
+    from himap.models.testing import tiny_inputs, tiny_llava
 
     model = tiny_llava(seed=1, num_layers=2)
     inputs = tiny_inputs(model.config, n_system=(3, 4), n_instruction=(5, 2), seed=4)

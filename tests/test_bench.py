@@ -5,10 +5,16 @@ import json
 import pytest
 import torch
 
-from himap.bench import BenchConfig, run_benchmark, run_once, summarize, synthetic_inputs
-from himap.flops import Arch, PromptShape, VisionArch, full_cost
-from himap.schedule import get_schedule
-from himap.testing import IMAGE_TOKEN_ID, tiny_llava
+from himap.cost.bench import (
+    BenchConfig,
+    run_benchmark,
+    run_once,
+    summarize,
+    synthetic_inputs,
+)
+from himap.cost.flops import Arch, PromptShape, VisionArch, full_cost
+from himap.models.testing import IMAGE_TOKEN_ID, tiny_llava
+from himap.prune.schedule import get_schedule
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +95,7 @@ def test_bad_config():
 
 def test_cli_bench(tmp_path, capsys):
     from himap.cli import main
-    from himap.testing import tiny_llava_config
+    from himap.models.testing import tiny_llava_config
 
     tiny_llava_config(num_layers=4).save_pretrained(tmp_path / "cfg")
     plot = tmp_path / "lat.png"

@@ -1,4 +1,4 @@
-"""Training pieces of the built-in model (himap.train) and the shipped checkpoint (himap.builtin)."""
+"""Training pieces of the built-in model (himap.builtin.train) and the shipped checkpoint (himap.builtin)."""
 
 import json
 import os
@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from himap import synthetic as S
-from himap import train as T
-from himap.offline_processor import build_processor
+from himap.builtin import synthetic as S
+from himap.builtin import train as T
+from himap.builtin.offline_processor import build_processor
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_install_writes_card(tmp_path):
 
 @pytest.fixture(scope="module")
 def builtin():
-    from himap.loading import load_model
+    from himap.models.loading import load_model
 
     return load_model("builtin")
 
@@ -200,8 +200,8 @@ def test_shipped_model_architecture(builtin):
 def test_shipped_model_accuracy_on_fixed_subset(builtin):
     """Vanilla greedy accuracy on the first 24 mc and 24 pope test items (12 yes, 12 no), and
     with blank images (the image must matter: the blank-image accuracy falls towards chance)."""
-    from himap.loading import generate_texts
-    from himap import metrics
+    from himap.evaluation import metrics
+    from himap.models.loading import generate_texts
 
     model, processor = builtin
     torch.set_num_threads(1)

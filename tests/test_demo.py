@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from himap import demo
+from himap.cli import demo
 
 
 def test_tables_hand_values():

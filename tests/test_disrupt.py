@@ -6,11 +6,19 @@ import math
 import pytest
 import torch
 
-from himap.analysis.disrupt import (DisruptConfig, disrupt_batch, disrupted_logits, flow_block, jaccard,
-                                    log_ratio, parse_windows, summarize)
+from himap.analysis.disrupt import (
+    DisruptConfig,
+    disrupt_batch,
+    disrupted_logits,
+    flow_block,
+    jaccard,
+    log_ratio,
+    parse_windows,
+    summarize,
+)
 from himap.analysis.probe import probed
-from himap.testing import BOS_TOKEN_ID, IMAGE_TOKEN_ID, tiny_inputs, tiny_llava
-from himap.tokens import token_sets
+from himap.models.testing import BOS_TOKEN_ID, IMAGE_TOKEN_ID, tiny_inputs, tiny_llava
+from himap.prune.tokens import token_sets
 
 LAYERS = 5
 

@@ -5,10 +5,10 @@ import torch
 from torch.testing import assert_close
 
 import himap
-from himap import criteria
-from himap.schedule import Schedule, Stage
-from himap.testing import IMAGE_TOKEN_ID, save_and_load, tiny_inputs, tiny_llava
-from himap.tokens import token_sets
+from himap.models.testing import IMAGE_TOKEN_ID, save_and_load, tiny_inputs, tiny_llava
+from himap.prune import criteria
+from himap.prune.schedule import Schedule, Stage
+from himap.prune.tokens import token_sets
 
 NOOP = Schedule((Stage(2, 0.0, "phi_sh"), Stage(5, 0.0, "phi_dp")), name="noop")
 TWO_STAGE = Schedule((Stage(2, 0.5, "phi_sh"), Stage(5, 0.75, "phi_dp")), name="two-stage")
@@ -249,7 +249,7 @@ def test_context_manager_removes_on_error(models, batch):
 
 
 def test_maybe_pruned_leaves_vanilla_untouched(models, batch):
-    from himap.engine import maybe_pruned
+    from himap.prune.engine import maybe_pruned
 
     model = models["sdpa"]
     lm = model.model.language_model
@@ -357,16 +357,18 @@ def test_tampered_cache_lengths_are_detected(models, batch):
 
 
 def _cache_kw():
-    from himap.engine import CACHE_KEYWORDS
-    from transformers import LlamaModel
     import inspect
+
+    from transformers import LlamaModel
+
+    from himap.prune.engine import CACHE_KEYWORDS
 
     return next(k for k in CACHE_KEYWORDS if k in inspect.signature(LlamaModel.forward).parameters)
 
 
 def test_unknown_layout_is_refused_at_apply(models, monkeypatch):
     """A decoder layer whose forward takes keywords we do not know raises before any token."""
-    from himap.engine import LayoutError
+    from himap.prune.engine import LayoutError
 
     model = models["sdpa"]
     layer = model.model.language_model.layers[3]
@@ -393,7 +395,8 @@ def test_supported_range_matches_pyproject():
     import re
 
     import transformers
-    from himap.engine import SUPPORTED_TRANSFORMERS
+
+    from himap.prune.engine import SUPPORTED_TRANSFORMERS
 
     text = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
     spec = re.search(r'"transformers(>=[^"]+)"', text).group(1)

@@ -1,4 +1,4 @@
-"""The evaluation runner (himap.evaluate): resume, shards, summaries; `himap eval` end to end."""
+"""The evaluation runner (himap.evaluation.runner): resume, shards, summaries; `himap eval` end to end."""
 
 import contextlib
 import importlib
@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from himap import evaluate as E
-from himap.schedule import PRESETS, Schedule, Stage
+from himap.evaluation import runner as E
+from himap.prune.schedule import PRESETS, Schedule, Stage
 
 TOY_TASK = '''
 """A toy task for the runner tests: 12 text-only items whose answer is a letter."""
@@ -154,7 +154,7 @@ def test_changed_schedule_is_refused_then_overwritten(toy, tmp_path):
 
 def test_summary_files_and_costs(toy, tmp_path):
     fake, _ = toy
-    from himap.flops import ARCHS
+    from himap.cost.flops import ARCHS
 
     res = E.evaluate(_cfg(tmp_path), [PRESETS["vanilla"], PRESETS["fastv"], PRESETS["himap"]],
                      fake.factory([]), arch=ARCHS["llava-1.5-7b"])
@@ -163,7 +163,10 @@ def test_summary_files_and_costs(toy, tmp_path):
     assert [int(by[m]["tflops_paper"] * 100) for m in ("vanilla", "fastv", "himap")] == [298, 156, 73]
     assert by["vanilla"]["tflops_paper_ratio"] == 1.0
     assert by["himap"]["tflops_full"] < by["fastv"]["tflops_full"] < by["vanilla"]["tflops_full"]
-    from himap.flops import PromptShape, full_cost  # the fake records' shape: 5 + 576 + 20 tokens, 1 new
+    from himap.cost.flops import (  # the fake records' shape: 5 + 576 + 20 tokens, 1 new
+        PromptShape,
+        full_cost,
+    )
 
     assert by["himap"]["tflops_full"] == pytest.approx(
         full_cost(ARCHS["llava-1.5-7b"], PRESETS["himap"], PromptShape(5, 20, 1, 576)).decoder / 1e12)
@@ -214,8 +217,9 @@ def test_shard_and_dist_env():
 
 SHARD_SCRIPT = textwrap.dedent('''
     import sys
-    from himap import evaluate as E, tasks
-    from himap.schedule import PRESETS
+    from himap.evaluation import runner as E
+    from himap import tasks
+    from himap.prune.schedule import PRESETS
     import himap_fake_predict as fake
     tasks.TASKS["toy"] = "himap_toy_task"
     rank, world = E.dist_env()
@@ -283,7 +287,7 @@ def _published_format_data(name, shared_dir, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A random tiny LLaVA (16 layers, so K2 = 15 fits) with the offline processor, saved."""
-    from himap.testing import save_tiny_model_dir
+    from himap.models.testing import save_tiny_model_dir
 
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny_llava"), num_layers=16)
 
@@ -307,9 +311,10 @@ def _judge_reply(body):
 
 @pytest.mark.parametrize("name", sorted(__import__("himap.tasks", fromlist=["TASKS"]).TASKS))
 def test_eval_cli_end_to_end_every_task(name, tiny_model_dir, shared_dir, tmp_path, capsys, monkeypatch):
+    from judge_server import FakeJudgeServer
+
     from himap import cli
     from himap.tasks import get_task
-    from judge_server import FakeJudgeServer
 
     try:
         task = get_task(name)

@@ -4,9 +4,20 @@ import json
 
 import pytest
 
-from himap.flops import (ARCHS, Arch, PromptShape, VisionArch, flops_reduction, full_cost, get_arch,
-                         layer_tokens, omega, paper_flops, truncate)
-from himap.schedule import Schedule, Stage, image_tokens_per_layer
+from himap.cost.flops import (
+    ARCHS,
+    Arch,
+    PromptShape,
+    VisionArch,
+    flops_reduction,
+    full_cost,
+    get_arch,
+    layer_tokens,
+    omega,
+    paper_flops,
+    truncate,
+)
+from himap.prune.schedule import Schedule, Stage, image_tokens_per_layer
 
 
 def test_omega_by_hand():
@@ -112,7 +123,7 @@ def test_arch_presets_build_configs_of_the_right_size():
 
 
 def test_arch_from_tiny_config():
-    from himap.testing import IMAGE_TOKEN_ID, tiny_llava_config
+    from himap.models.testing import IMAGE_TOKEN_ID, tiny_llava_config
 
     a = Arch.from_config(tiny_llava_config())
     assert (a.hidden, a.intermediate, a.num_layers, a.num_heads, a.num_kv_heads, a.d_head) == (64, 128, 10, 4, 2, 16)
@@ -150,7 +161,7 @@ def test_cli_json_and_table(capsys):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from himap.testing import tiny_inputs, tiny_llava
+    from himap.models.testing import tiny_inputs, tiny_llava
 
     model = tiny_llava(seed=0)
     return model, tiny_inputs(model.config, n_system=(5,), n_instruction=(7,))
@@ -161,7 +172,7 @@ def tiny():
 def test_measured_flops_match_analytic(tiny, method, new_tokens):
     """The full analytic count equals what flop_counter measures, part by part: vision tower +
     projector, decoder (ranking rows included) and LM head; prefill alone and with decode steps."""
-    from himap.measure import compare
+    from himap.cost.measure import compare
 
     model, inputs = tiny
     r = compare(model, inputs, method, new_tokens)
@@ -175,20 +186,20 @@ def test_measured_flops_match_analytic(tiny, method, new_tokens):
 
 def test_measured_flops_eager_attention():
     """Eager attention (matmuls over repeated KV heads) counts the same as SDPA."""
-    from himap.measure import compare
-    from himap.testing import tiny_inputs, tiny_llava
+    from himap.cost.measure import compare
+    from himap.models.testing import tiny_inputs, tiny_llava
 
     model = tiny_llava(seed=1, attn_implementation="eager", num_layers=4)
     inputs = tiny_inputs(model.config, n_system=(3,), n_instruction=(4,))
-    from himap.schedule import Schedule, Stage
+    from himap.prune.schedule import Schedule, Stage
 
     r = compare(model, inputs, Schedule((Stage(1, 0.5, "phi_sh"), Stage(2, 0.75, "phi_dp"))), 2)
     assert r["measured"]["total"] == r["analytic"]["total"]
 
 
 def test_measured_flops_needs_one_unpadded_example(tiny):
-    from himap.measure import compare
-    from himap.testing import tiny_inputs
+    from himap.cost.measure import compare
+    from himap.models.testing import tiny_inputs
 
     model, _ = tiny
     batch = tiny_inputs(model.config, n_system=(5, 3), n_instruction=(7, 7))
@@ -199,7 +210,7 @@ def test_measured_flops_needs_one_unpadded_example(tiny):
 def test_cli_measure(tmp_path, capsys):
     """`himap flops --measure` runs a random model of a config and reports zero error."""
     from himap.cli import main
-    from himap.testing import tiny_llava_config
+    from himap.models.testing import tiny_llava_config
 
     tiny_llava_config(num_layers=4).save_pretrained(tmp_path)
     assert main(["flops", "--model", str(tmp_path), "--random-weights", "--measure", "--method", "himap",

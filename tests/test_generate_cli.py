@@ -1,4 +1,4 @@
-"""`himap generate` and himap.loading on a tiny random model saved with an offline processor."""
+"""`himap generate` and himap.models.loading on a tiny random model saved with an offline processor."""
 
 import json
 import os
@@ -6,8 +6,8 @@ import os
 import pytest
 
 from himap.cli import main
-from himap.loading import build_inputs, generate_texts, load_model
-from himap.testing import save_tiny_model_dir
+from himap.models.loading import build_inputs, generate_texts, load_model
+from himap.models.testing import save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")

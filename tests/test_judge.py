@@ -6,7 +6,13 @@ import os
 import pytest
 from judge_server import FakeJudgeServer
 
-from himap.judge import Judge, JudgeConfig, JudgeError, JudgeNotConfigured, cache_key
+from himap.evaluation.judge import (
+    Judge,
+    JudgeConfig,
+    JudgeError,
+    JudgeNotConfigured,
+    cache_key,
+)
 from himap.tasks import get_task
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from himap import captions, metrics
+from himap.evaluation import captions, metrics
 
 # --- POPE yes/no parsing (LLaVA's eval_pope behaviour) ----------------------------------------
 

@@ -5,8 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from himap import offline_processor as op
-from himap.testing import IMAGE_TOKEN_ID, PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID
+from himap.builtin import offline_processor as op
+from himap.models.testing import (
+    BOS_TOKEN_ID,
+    EOS_TOKEN_ID,
+    IMAGE_TOKEN_ID,
+    PAD_TOKEN_ID,
+)
 
 PROMPT = "What color is the circle? Options: (A) red (B) blue. Answer with the option's letter."
 
@@ -24,7 +29,7 @@ def _images(n, size=32, seed=0):
 def test_vocabulary_ids_and_size():
     vocab = op.vocabulary()
     assert [vocab[t] for t in op.SPECIAL_TOKENS] == [PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID, IMAGE_TOKEN_ID, 4]
-    assert len(vocab) <= 128  # fits himap.testing's tiny models
+    assert len(vocab) <= 128  # fits himap.models.testing's tiny models
     assert op.vocabulary(["x", "y", "x"]) == {**{t: i for i, t in enumerate(op.SPECIAL_TOKENS)}, "x": 5, "y": 6}
     with pytest.raises(ValueError, match="whitespace"):
         op.vocabulary(["two words"])
@@ -83,7 +88,7 @@ def test_save_and_reload_with_autoprocessor(processor, tmp_path):
 
 
 def test_runs_through_tiny_llava(processor):
-    from himap.testing import tiny_llava
+    from himap.models.testing import tiny_llava
 
     model = tiny_llava(num_layers=2)
     out = processor(images=_images(1), text=[op.chat_prompt(PROMPT)], return_tensors="pt")

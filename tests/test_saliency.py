@@ -6,9 +6,15 @@ import pytest
 import torch
 
 from himap.analysis.probe import PROBE_ATTR, decoder_layers, probed
-from himap.analysis.saliency import METRICS, SaliencyConfig, block_metrics, mean_metrics, saliency
-from himap.testing import IMAGE_TOKEN_ID, tiny_inputs, tiny_llava
-from himap.tokens import token_sets
+from himap.analysis.saliency import (
+    METRICS,
+    SaliencyConfig,
+    block_metrics,
+    mean_metrics,
+    saliency,
+)
+from himap.models.testing import IMAGE_TOKEN_ID, tiny_inputs, tiny_llava
+from himap.prune.tokens import token_sets
 
 
 def _reference(model, inputs, targets):

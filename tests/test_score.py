@@ -8,7 +8,7 @@ import pytest
 from judge_server import FakeJudgeServer
 
 from himap.cli import main
-from himap.commands.score import read_predictions
+from himap.cli.score import read_predictions
 from himap.tasks import DataError, get_task
 
 

@@ -5,11 +5,10 @@ import json
 import os
 
 import pytest
-
-from himap import sweep as S
-from himap.schedule import PRESETS
-
 from test_evaluate import _make_images, tiny_model_dir, toy  # noqa: F401  (fixtures)
+
+from himap.evaluation import sweep as S
+from himap.prune.schedule import PRESETS
 
 
 def test_parse_config_and_errors():
@@ -26,7 +25,7 @@ def test_parse_config_and_errors():
 
 
 def test_shipped_config_parses_and_covers_the_ablation_plans(shared_dir):
-    from himap.flops import ARCHS
+    from himap.cost.flops import ARCHS
 
     here = os.path.dirname(__file__)
     cfg = S.load_config(os.path.join(here, "..", "configs", "sweep_ablations.yaml"))
@@ -46,7 +45,7 @@ def test_task_methods_expansion():
 
 
 def test_unique_schedules_aliases_identical_stages():
-    from himap.ablations import resolve
+    from himap.evaluation.ablations import resolve
 
     grid_point = resolve("k1=2-r1=0.5@himap")
     kept, alias = S.unique_schedules([PRESETS["himap"], grid_point, PRESETS["fastv"]])
@@ -62,7 +61,7 @@ def test_pareto_front():
 
 def test_sweep_runs_writes_tables_and_plot_and_resumes(toy, tmp_path):
     fake, _ = toy
-    from himap.flops import ARCHS
+    from himap.cost.flops import ARCHS
 
     arch = ARCHS["llava-1.5-7b"]
     cfg = S.parse_config({"model": "fake", "out": str(tmp_path), "batch_size": 4, "limit": 6,
@@ -97,8 +96,9 @@ def test_sweep_runs_writes_tables_and_plot_and_resumes(toy, tmp_path):
 
 
 def test_plan_rejects_schedules_that_do_not_fit(toy):
-    from himap.flops import ARCHS
     import dataclasses
+
+    from himap.cost.flops import ARCHS
 
     small = dataclasses.replace(ARCHS["llava-1.5-7b"], num_layers=10)
     cfg = S.parse_config({"model": "m", "tasks": [{"name": "toy", "base": "himap-caption"}],

@@ -1,11 +1,11 @@
-"""The synthetic benchmark generator and its eval task (himap.synthetic, himap.tasks.shapes)."""
+"""The synthetic benchmark generator and its eval task (himap.builtin.synthetic, himap.tasks.shapes)."""
 
 import collections
 
 import numpy as np
 import pytest
 
-from himap import synthetic as S
+from himap.builtin import synthetic as S
 
 
 def test_deterministic_and_seed_dependent():
@@ -149,7 +149,7 @@ def test_caption_text():
 
 
 def test_vocabulary_covers_the_benchmark():
-    from himap.offline_processor import UNK, build_tokenizer
+    from himap.builtin.offline_processor import UNK, build_tokenizer
 
     tok = build_tokenizer()
     unk = tok.convert_tokens_to_ids(UNK)
@@ -203,7 +203,7 @@ def test_task_default_cache_dir(tmp_path, monkeypatch):
 
 def test_cache_is_keyed_by_scene_parameters(monkeypatch):
     """Images rendered under other scene parameters are never reused (stale cache bug)."""
-    from himap import synthetic
+    from himap.builtin import synthetic
     from himap.tasks import shapes
 
     key = shapes.config_key()

@@ -11,17 +11,23 @@ HuggingFace multimodal LLMs. `import himap` is cheap: torch and transformers loa
         ...
 """
 
-from himap.schedule import PRESETS, Schedule, Stage, get_schedule, image_tokens_per_layer
+from himap.prune.schedule import (
+    PRESETS,
+    Schedule,
+    Stage,
+    get_schedule,
+    image_tokens_per_layer,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["apply", "remove", "pruned", "Schedule", "Stage", "PRESETS", "get_schedule",
-           "image_tokens_per_layer", "__version__"]
+__all__ = ["apply", "remove", "pruned", "maybe_pruned", "PruneHandle", "Schedule", "Stage", "PRESETS",
+           "get_schedule", "image_tokens_per_layer", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("apply", "remove", "pruned", "PruneHandle"):
-        from himap import engine
+    if name in ("apply", "remove", "pruned", "maybe_pruned", "PruneHandle"):
+        from himap.prune import engine
 
         return getattr(engine, name)
     raise AttributeError(f"module 'himap' has no attribute {name!r}")

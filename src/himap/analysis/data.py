@@ -143,8 +143,8 @@ def open_image(path: str):
 
 def build_batch(processor, items: list, device="cpu", dtype=None) -> dict:
     """Model inputs (left-padded, chat template applied, pixel values in `dtype`) for items
-    with images, via himap.loading.build_inputs."""
-    from himap.loading import build_inputs
+    with images, via himap.models.loading.build_inputs."""
+    from himap.models.loading import build_inputs
 
     images = [open_image(it.image) for it in items]
     return build_inputs(processor, images, [it.prompt for it in items], device=device, dtype=dtype)

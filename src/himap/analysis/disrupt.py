@@ -177,7 +177,7 @@ def disrupt_batch(model, inputs: dict, targets, accepted=None, config: DisruptCo
     import torch
 
     from himap.analysis.probe import decoder_layers
-    from himap.tokens import token_sets
+    from himap.prune.tokens import token_sets
 
     config = config or DisruptConfig()
     num_layers = len(decoder_layers(model))

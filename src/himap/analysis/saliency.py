@@ -7,7 +7,7 @@ head h) and L the cross-entropy of the logits at the last prompt position agains
     I_l = mean_h |A_{h,l} * dL/dA_{h,l}|                                   (eq. 1)
 
 and I_l(i, j) is the flow from key token j into query token i. Per layer, over the token sets
-S (system), V (image), I (instruction) and X = S u V u I (himap.tokens):
+S (system), V (image), I (instruction) and X = S u V u I (himap.prune.tokens):
 
     S_sys = sum_{i in X, j in S} I(i, j) / |S|      (eq. 2)
     S_img = sum_{i in X, j in V} I(i, j) / |V|      (eq. 3)
@@ -68,7 +68,7 @@ class SampleSaliency:
 
 def block_metrics(saliency, sets) -> dict:
     """The five block metrics of saliency matrices [B, T, T] (query rows, key columns) for the
-    token sets `sets` (himap.tokens.TokenSets with masks [B, T]); NaN where the dividing set is
+    token sets `sets` (himap.prune.tokens.TokenSets with masks [B, T]); NaN where the dividing set is
     empty. Returns metric name -> tensor [B]."""
     import torch
 
@@ -142,7 +142,7 @@ def saliency(model, inputs: dict, targets=None, config: SaliencyConfig | None = 
     import torch
 
     from himap.analysis.probe import decoder_layers, probed
-    from himap.tokens import token_sets
+    from himap.prune.tokens import token_sets
 
     config = config or SaliencyConfig()
     n_layers = len(decoder_layers(model))

@@ -1,7 +1,7 @@
 """The built-in model: a small LLaVA trained by `himap train-default` on the synthetic benchmark.
 
 It ships inside the package (himap/builtin/model: safetensors weights, tokenizer, processor,
-chat template and a model card) so that everything runs offline; `himap.loading.load_model("builtin")`
+chat template and a model card) so that everything runs offline; `himap.models.loading.load_model("builtin")`
 loads it through AutoModelForImageTextToText / AutoProcessor like any llava-hf checkpoint.
 """
 
@@ -60,7 +60,7 @@ def _flags(argv: list[str]) -> list[str]:
 
 def _scene(data: dict) -> str:
     """'1 small coloured shape (red, green, blue or yellow; circle, square, triangle or cross)'."""
-    from himap import synthetic
+    from himap.builtin import synthetic
 
     lo, hi = data.get("min_objects", 1), data.get("max_objects", 1)
     count = f"{lo}" if lo == hi else f"{lo}-{hi}"
@@ -97,7 +97,7 @@ def model_card(info: dict, extra: str = "") -> str:
 
 A small LLaVA-architecture model (`LlavaForConditionalGeneration`: CLIP vision tower, 2-layer MLP
 projector, Llama decoder) trained from scratch by `himap train-default` on the synthetic "shapes"
-benchmark (`himap.synthetic`). It exists so that HiMAP, FastV and the information-flow analysis
+benchmark (`himap.builtin.synthetic`). It exists so that HiMAP, FastV and the information-flow analysis
 can be run offline, without a GPU, on a model that really uses its image. It is not a general
 vision-language model: its vocabulary has {len(info.get('vocab', [])) or 'about 120'} words and it has only ever
 seen gray canvases with {_scene(info['data_config'])}.
@@ -116,7 +116,7 @@ seen gray canvases with {_scene(info['data_config'])}.
 Command: `himap train-default {shlex.join(_flags(info.get('argv', []))) or '(defaults)'}`; seed {cfg['seed']}; {info['step']} steps of
 batch {cfg['batch_size']} (AdamW, peak lr {cfg['lr']}, {cfg['warmup_steps']} warm-up steps then cosine), loss on the
 answer tokens only, training mix {cfg['mix']}; {cfg['threads']} CPU thread(s), fp32;
-training aids (discarded after training; see himap.train): {_aids(cfg)};
+training aids (discarded after training; see himap.builtin.train): {_aids(cfg)};
 {info['minutes']:.1f} minutes wall time on {info.get('machine', 'a shared 2-core CPU machine')} (torch {info['torch']}).
 
 ## Held-out accuracy at this checkpoint

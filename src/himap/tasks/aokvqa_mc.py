@@ -3,7 +3,7 @@
 Questions on COCO 2017 images needing outside knowledge, each with four choices and
 correct_choice_idx (the published aokvqa_v1p0_{split}.json). The prompt is the paper's
 appendix-E template with the options written "(A) ... (B) ..."; answers are read with the
-lenient letter parser (himap.metrics.parse_letter: LLaVA's ScienceQA rule first, then "(A)",
+lenient letter parser (himap.evaluation.metrics.parse_letter: LLaVA's ScienceQA rule first, then "(A)",
 "A)", "Answer: A", ...), since LLaVA publishes no A-OKVQA scorer. The strict LLaVA rule is
 reported beside it as accuracy_llava_rule.
 
@@ -14,9 +14,18 @@ from __future__ import annotations
 
 import os
 
-from himap import metrics
-from himap.tasks.base import (DataError, Item, find_file, image_dir as _image_dir, limit_items,
-                              matched, parse_splits, read_json, require_predictions)
+from himap.evaluation import metrics
+from himap.tasks.base import (
+    DataError,
+    Item,
+    find_file,
+    limit_items,
+    matched,
+    parse_splits,
+    read_json,
+    require_predictions,
+)
+from himap.tasks.base import image_dir as _image_dir
 
 NAME = "aokvqa_mc"
 VERSION = "1"

@@ -2,7 +2,7 @@
 
 The Karpathy split (dataset_flickr30k.json: "images" with filename, split and five "sentences"
 with "raw" text); the test split has 1,000 images. Prompt: "Provide a one-sentence caption for
-the provided image."; metric: CIDEr (x100) with the COCO tokenization (himap.captions).
+the provided image."; metric: CIDEr (x100) with the COCO tokenization (himap.evaluation.captions).
 
 Item ids are the image file names without extension (Flickr photo ids).
 """
@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import os
 
-from himap import captions
-from himap.tasks.base import (DataError, Item, find_file, image_dir as _image_dir, limit_items,
-                              parse_splits, read_json)
+from himap.evaluation import captions
+from himap.tasks.base import (
+    DataError,
+    Item,
+    find_file,
+    limit_items,
+    parse_splits,
+    read_json,
+)
+from himap.tasks.base import image_dir as _image_dir
 
 NAME = "flickr30k"
 VERSION = "1"

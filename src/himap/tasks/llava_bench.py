@@ -16,9 +16,18 @@ from __future__ import annotations
 
 import os
 
-from himap import judge as judge_lib
-from himap.tasks.base import (DataError, Item, find_file, image_dir as _image_dir, limit_items,
-                              matched, parse_splits, read_jsonl, require_predictions)
+from himap.evaluation import judge as judge_lib
+from himap.tasks.base import (
+    DataError,
+    Item,
+    find_file,
+    limit_items,
+    matched,
+    parse_splits,
+    read_jsonl,
+    require_predictions,
+)
+from himap.tasks.base import image_dir as _image_dir
 
 NAME = "llava_bench"
 VERSION = "1"

@@ -3,7 +3,7 @@
 Open Images validation photos with ten human captions each, in COCO caption format
 (nocaps_val_4500_captions.json: "images" with id, file_name, domain; "annotations" with image_id
 and caption). Prompt: "Provide a one-sentence caption for the provided image."; metric: CIDEr
-(x100) with the COCO tokenization (himap.captions), overall and per domain (in-domain,
+(x100) with the COCO tokenization (himap.evaluation.captions), overall and per domain (in-domain,
 near-domain, out-domain, each scored as its own corpus).
 
 Item ids are the annotation file's image ids.
@@ -13,9 +13,16 @@ from __future__ import annotations
 
 import os
 
-from himap import captions
-from himap.tasks.base import (DataError, Item, find_file, image_dir as _image_dir, limit_items,
-                              parse_splits, read_json)
+from himap.evaluation import captions
+from himap.tasks.base import (
+    DataError,
+    Item,
+    find_file,
+    limit_items,
+    parse_splits,
+    read_json,
+)
+from himap.tasks.base import image_dir as _image_dir
 
 NAME = "nocaps"
 VERSION = "1"

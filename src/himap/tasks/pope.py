@@ -2,7 +2,7 @@
 
 Yes/no questions "Is there a <object> in the image?" over COCO val2014 images, in three splits
 that sample the absent objects at random, by popularity, or adversarially (co-occurring). Scored
-with LLaVA's answer parsing (himap.metrics.parse_yes_no): accuracy, precision, recall, F1 and
+with LLaVA's answer parsing (himap.evaluation.metrics.parse_yes_no): accuracy, precision, recall, F1 and
 yes-ratio per split. The primary metric is the mean accuracy over the splits scored.
 
 Item ids are LLaVA's question ids from llava_pope_test.jsonl (adversarial: 1..3000, random:
@@ -13,9 +13,18 @@ from __future__ import annotations
 
 import os
 
-from himap import metrics
-from himap.tasks.base import (DataError, Item, find_file, image_dir as _image_dir, limit_per_group,
-                              matched, parse_splits, read_json_or_jsonl, require_predictions)
+from himap.evaluation import metrics
+from himap.tasks.base import (
+    DataError,
+    Item,
+    find_file,
+    limit_per_group,
+    matched,
+    parse_splits,
+    read_json_or_jsonl,
+    require_predictions,
+)
+from himap.tasks.base import image_dir as _image_dir
 
 NAME = "pope"
 VERSION = "1"

@@ -4,8 +4,8 @@ LLaVA's test file llava_test_CQM-A.json holds 4,241 questions; the 2,017 with an
 task. Each human turn already reads "Context: ...\\n{question}\\nA. ...\\nB. ...", i.e. the paper's
 "{question} Options: {options}" with LLaVA's layout, so the prompt appends the instruction on a
 new line exactly as the official HiMAP / LLaVA evaluation does. Answers are parsed with LLaVA's
-ScienceQA rule (himap.metrics.parse_letter_llava); unparsable answers count as wrong. A lenient
-parse (himap.metrics.parse_letter) is reported beside it as accuracy_lenient.
+ScienceQA rule (himap.evaluation.metrics.parse_letter_llava); unparsable answers count as wrong. A lenient
+parse (himap.evaluation.metrics.parse_letter) is reported beside it as accuracy_lenient.
 
 Item ids are the file's ids ("5", ...), the question_id of LLaVA's published answer files.
 """
@@ -15,9 +15,18 @@ from __future__ import annotations
 import os
 import re
 
-from himap import metrics
-from himap.tasks.base import (DataError, Item, find_file, image_dir as _image_dir, limit_items,
-                              matched, parse_splits, read_json, require_predictions)
+from himap.evaluation import metrics
+from himap.tasks.base import (
+    DataError,
+    Item,
+    find_file,
+    limit_items,
+    matched,
+    parse_splits,
+    read_json,
+    require_predictions,
+)
+from himap.tasks.base import image_dir as _image_dir
 
 NAME = "scienceqa_img"
 VERSION = "1"

@@ -1,12 +1,12 @@
-"""The built-in synthetic benchmark "shapes" (himap.synthetic), in the paper's task shapes.
+"""The built-in synthetic benchmark "shapes" (himap.builtin.synthetic), in the paper's task shapes.
 
 Splits: `mc` (multiple choice, letter answers, ScienceQA prompt), `pope` (yes/no presence, POPE
 prompt, categories `shape` and `colour`), `caption` (one-sentence caption prompt). The test set
-(200 items per split) is generated deterministically (seed himap.synthetic.TEST_SEED) and needs
+(200 items per split) is generated deterministically (seed himap.builtin.synthetic.TEST_SEED) and needs
 no download: its images are rendered once into a cache folder (the data folder when given, else
 $HIMAP_CACHE/shapes-v{VERSION}-{config hash} or ~/.cache/himap/shapes-v{VERSION}-{config hash}).
 
-Scores (percent): mc accuracy with the lenient letter parser (himap.metrics.parse_letter), pope
+Scores (percent): mc accuracy with the lenient letter parser (himap.evaluation.metrics.parse_letter), pope
 accuracy / F1 / yes-ratio with LLaVA's parsing, caption exact match and object F1 (the
 (colour, shape) pairs named). The primary metric `accuracy` is the mean of the mc and pope
 accuracies. Chance: 25% (mc), 50% (pope).
@@ -17,8 +17,15 @@ from __future__ import annotations
 import os
 import re
 
-from himap import metrics, synthetic
-from himap.tasks.base import Item, limit_per_group, matched, parse_splits, require_predictions
+from himap.builtin import synthetic
+from himap.evaluation import metrics
+from himap.tasks.base import (
+    Item,
+    limit_per_group,
+    matched,
+    parse_splits,
+    require_predictions,
+)
 
 NAME = "shapes"
 VERSION = "1"
@@ -34,12 +41,12 @@ PER_SPLIT = 200
 """Test items per split."""
 
 DATA_HELP = """shapes: nothing to download. The test set is generated from a fixed seed
-(himap.synthetic) and its PNG images are written once to the data folder when one is given
+(himap.builtin.synthetic) and its PNG images are written once to the data folder when one is given
 (--data DIR), else to $HIMAP_CACHE/shapes-v1-<config hash> or ~/.cache/himap/shapes-v1-<config hash>."""
 
 
 def build_prompt(sample: synthetic.Sample) -> str:
-    """The sample's user text (section 5 prompt shapes; built by himap.synthetic):
+    """The sample's user text (section 5 prompt shapes; built by himap.builtin.synthetic):
     mc: "{question} Options: (A) .. (D) ... Answer with the option's letter from the given choices directly."
     pope: "question: Is there a {colour} {shape} in the image? Please just answer yes or no."
     caption: "Provide a one-sentence caption for the provided image." """

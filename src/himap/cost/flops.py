@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from himap.schedule import Schedule, get_schedule, image_tokens_per_layer
+from himap.prune.schedule import Schedule, get_schedule, image_tokens_per_layer
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 """Bytes per element of the KV cache for each dtype name."""
@@ -199,7 +199,7 @@ def layer_tokens(schedule: Schedule, shape: PromptShape, arch: Arch) -> tuple[li
     """(tokens, image tokens) entering each decoder layer during prefill, for one example.
 
     The single source of the per-layer counts every cost below uses: image tokens follow
-    himap.schedule.image_tokens_per_layer; text tokens (S and I) are never dropped. After prefill,
+    himap.prune.schedule.image_tokens_per_layer; text tokens (S and I) are never dropped. After prefill,
     layer l's KV cache holds tokens[l] entries.
     """
     images = image_tokens_per_layer(schedule, _n_image(arch, shape), arch.num_layers)

@@ -4,7 +4,7 @@
     himap eval --model llava-hf/llava-1.5-7b-hf --task pope --data data/pope --method vanilla,himap \\
         --batch-size 8 --out runs/eval
     himap eval ... --method himap --k 3 8                      # stage overrides (one method)
-    himap eval ... --method himap,uniform@himap,all@himap      # ablation names (himap.ablations)
+    himap eval ... --method himap,uniform@himap,all@himap      # ablation names (himap.evaluation.ablations)
     torchrun --nproc_per_node 4 --no-python himap eval ...     # data-parallel shards, merged by rank 0
     himap eval ... --merge                                     # merge shards and summarize only
 
@@ -30,7 +30,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--method", default="vanilla,default",
                         help="comma-separated presets, ablation names (uniform@himap, ...) or groups "
                         "(all@himap); 'default' is the task's default method")
-    from himap.cli_common import add_override_arguments
+    from himap.cli.common import add_override_arguments
 
     add_override_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
@@ -55,9 +55,16 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from himap.cli_common import model_shape, overrides_from_args, resolve_methods
-    from himap.evaluate import (EvalConfig, EvalError, LazyPredictor, arch_of_model, dist_env, evaluate,
-                                pick_device)
+    from himap.cli.common import model_shape, overrides_from_args, resolve_methods
+    from himap.evaluation.runner import (
+        EvalConfig,
+        EvalError,
+        LazyPredictor,
+        arch_of_model,
+        dist_env,
+        evaluate,
+        pick_device,
+    )
     from himap.tasks import get_task
     from himap.tasks.base import DataError
 

@@ -1,13 +1,17 @@
 """`himap demo`: the whole system on the built-in model and the built-in synthetic test set.
 
-1. Evaluates vanilla, FastV, HiMAP and random pruning (himap.evaluate: greedy decoding through
-   himap.loading, predictions in OUT/shapes/<method>.jsonl) and reports accuracy per split,
+    himap demo                      # the whole test set (600 items), about 2 minutes on one core
+    himap demo --quick              # a few items per step, for a smoke test
+    himap demo --out runs/demo --limit 300
+
+1. Evaluates vanilla, FastV, HiMAP and random pruning (himap.evaluation.runner: greedy decoding through
+   himap.models.loading, predictions in OUT/shapes/<method>.jsonl) and reports accuracy per split,
    TFLOPs in the paper's convention (image tokens only, eq. 10) and in full (every decoder
-   product, himap.flops), and the prefill time of each method relative to vanilla (one forward
+   product, himap.cost.flops), and the prefill time of each method relative to vanilla (one forward
    pass over a fixed batch, methods interleaved round-robin, median over rounds).
 2. Shows where the visual information moves into the text (the paper's shallow-layer
    injection, sections 3.2-3.3): first-token accuracy when every image token is removed from
-   layer K on (himap.schedule.drop_all_from), for each K; K = 0 removes the image tokens from the
+   layer K on (himap.prune.schedule.drop_all_from), for each K; K = 0 removes the image tokens from the
    input, and a blank image gives the no-information baseline (appendix B). Also counts, per
    pruning method and stage, the items whose object's image token is still kept.
 3. Measures the per-layer saliency flows S_vv and S_vt (eqs. 5-6, himap.analysis.saliency) and
@@ -20,6 +24,7 @@ OUT/saliency_modalities.png; prints the tables and ends with one JSON line
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -28,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 
 METHODS = ("vanilla", "fastv", "himap", "random")
-"""The methods compared (himap.schedule presets)."""
+"""The methods compared (himap.prune.schedule presets)."""
 
 
 @dataclass
@@ -53,7 +58,7 @@ def first_token_correct(model, processor, items, schedule, batch_size: int, inpu
     import torch
 
     from himap.analysis.data import answer_tokens, build_batch
-    from himap.engine import maybe_pruned
+    from himap.prune.engine import maybe_pruned
 
     tok = processor.tokenizer
     out = []
@@ -76,8 +81,8 @@ def prefill_times(model, processor, items, methods: list, reps: int) -> dict:
     import torch
 
     from himap.analysis.data import build_batch
-    from himap.engine import maybe_pruned
-    from himap.schedule import get_schedule
+    from himap.prune.engine import maybe_pruned
+    from himap.prune.schedule import get_schedule
 
     inputs = build_batch(processor, items)
     names = [get_schedule(m).name for m in methods]
@@ -109,7 +114,7 @@ def drop_all_probe(model, processor, items, batch_size: int) -> list[dict]:
     `mc`, `pope`) with every image token removed from layer K on, for K = 0 (no image tokens in
     the input) .. L - 1, plus `blank` (a blank image, all layers) and `full` (vanilla)."""
     from himap.analysis.data import blank_image, drop_image_tokens
-    from himap.schedule import drop_all_from
+    from himap.prune.schedule import drop_all_from
 
     cfg = model.config
     pad = processor.tokenizer.pad_token_id or 0
@@ -132,7 +137,7 @@ def object_kept(model, processor, items, methods: list, batch_size: int) -> dict
 
     import himap
     from himap.analysis.data import build_batch
-    from himap.schedule import get_schedule
+    from himap.prune.schedule import get_schedule
 
     v = model.config.vision_config
     grid = v.image_size // v.patch_size
@@ -163,7 +168,7 @@ def format_kept_table(kept: dict) -> str:
 
 def _split_accuracy(k, items, correct: list[bool]) -> dict:
     """{"k": k, "accuracy": overall, <split>: accuracy of that split's items, ...} (percent)."""
-    from himap import metrics
+    from himap.evaluation import metrics
 
     row = {"k": k, "accuracy": metrics.accuracy(correct)}
     for split in dict.fromkeys(it.meta.get("split", "all") for it in items):
@@ -282,9 +287,14 @@ def run(cfg: DemoConfig) -> dict:
     import torch
 
     from himap.analysis.plots import plot_modalities, plot_visual_flows
-    from himap.evaluate import EvalConfig, evaluate, model_arch, model_predictor
-    from himap.loading import load_model
-    from himap.schedule import get_schedule
+    from himap.evaluation.runner import (
+        EvalConfig,
+        evaluate,
+        model_arch,
+        model_predictor,
+    )
+    from himap.models.loading import load_model
+    from himap.prune.schedule import get_schedule
     from himap.tasks import shapes
 
     torch.set_num_threads(cfg.threads)
@@ -350,3 +360,37 @@ def report(out: dict) -> str:
              format_flow_table(out["saliency"]), "",
              "plots: " + ", ".join(out["plots"].values()), f"({out['seconds']} s)"]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command
+
+QUICK = {"limit": 12, "probe_limit": 8, "saliency_samples": 4, "timing_reps": 1, "batch_size": 8}
+"""--quick: sizes for a smoke test (seconds)."""
+
+
+def add_arguments(parser) -> None:
+    for f in dataclasses.fields(DemoConfig):
+        if f.name == "progress":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = int if f.name == "limit" else type(f.default)
+        parser.add_argument(flag, type=kind, default=f.default, help=f"(default {f.default})")
+    parser.add_argument("--quick", action="store_true", help=f"tiny sizes for a smoke test: {QUICK}")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def main(args) -> int:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if f.name != "progress"}
+    if args.quick:
+        values.update(QUICK)
+    cfg = DemoConfig(**values, progress=not args.no_progress)
+    out = run(cfg)
+    print(report(out))
+    summary = {"methods": {name: {k: m.get(k) for k in ("accuracy", "mc_accuracy", "pope_accuracy",
+                                                        "caption_object_f1", "tflops_paper", "tflops_full",
+                                                        "prefill_ratio")}
+                           for name, m in out["methods"].items()},
+               "drop_all_from_k": {str(r["k"]): r["accuracy"] for r in out["drop_all_from_k"]},
+               "seconds": out["seconds"]}
+    print(json.dumps(summary))
+    return 0

@@ -1,4 +1,4 @@
-"""`himap` command line: one module per command under himap.commands, imported only when run.
+"""`himap` command line: one module per command under himap.cli, imported only when run.
 
 Each command module defines `add_arguments(parser)` and `main(args) -> int`; its docstring's
 first line is the command's help.
@@ -35,7 +35,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _module(name: str):
-    return importlib.import_module(f"himap.commands.{name.replace('-', '_')}")
+    return importlib.import_module(f"himap.cli.{name.replace('-', '_')}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,7 +136,7 @@ def score_file(task, items, predictions: dict[str, dict[str, str]], method: str 
 
 
 def main(args) -> int:
-    from himap.judge import JudgeError, JudgeNotConfigured
+    from himap.evaluation.judge import JudgeError, JudgeNotConfigured
     from himap.tasks import get_task, require_data
 
     try:

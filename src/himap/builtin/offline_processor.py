@@ -7,7 +7,7 @@ with `AutoProcessor.from_pretrained(dir)` and goes through exactly the code path
 checkpoint's processor does: `<image>` in the text expands to (image_size / patch_size)^2 image
 tokens.
 
-Token ids: <pad>=0, <s>=1, </s>=2, <image>=3, <unk>=4 (the ids himap.testing's tiny models use),
+Token ids: <pad>=0, <s>=1, </s>=2, <image>=3, <unk>=4 (the ids himap.models.testing's tiny models use),
 then the words in the order given. Words are split on whitespace and every punctuation character
 is a token of its own; case is kept ("A" and "a" are different words); unknown words map to <unk>.
 """
@@ -40,7 +40,7 @@ DEFAULT_WORDS = (
     "USER", "ASSISTANT", "SYSTEM", ":", ".", ",", "?", "(", ")", "'", "-", "!", ";", "/",
     # option letters and short answers
     "A", "B", "C", "D", "E", "F", "yes", "no", "Yes", "No",
-    # attributes of the synthetic benchmark (himap.synthetic)
+    # attributes of the synthetic benchmark (himap.builtin.synthetic)
     "red", "green", "blue", "yellow", "white", "black", "purple", "orange", "gray",
     "circle", "square", "triangle", "cross", "star", "diamond",
     "zero", "one", "two", "three", "four", "five",
@@ -54,7 +54,7 @@ DEFAULT_WORDS = (
     "left", "right", "top", "bottom", "center", "small", "large", "The", "It", "it", "has",
 )
 """A small English vocabulary covering the synthetic benchmark and the paper's prompt templates
-(116 distinct words + 5 special tokens = 121 ids, so it fits himap.testing's tiny models' 128)."""
+(116 distinct words + 5 special tokens = 121 ids, so it fits himap.models.testing's tiny models' 128)."""
 
 
 def vocabulary(words=DEFAULT_WORDS) -> dict[str, int]:

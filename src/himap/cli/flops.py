@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-from himap.flops import ARCHS, ATTENTION_MODES, DTYPE_BYTES, PromptShape
+from himap.cost.flops import ARCHS, ATTENTION_MODES, DTYPE_BYTES, PromptShape
 
 _DEFAULT_SHAPE = PromptShape()
 
@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
     src.add_argument("--model", metavar="PATH", help="model folder or id: its config gives the sizes")
     parser.add_argument("--method", default="fastv,himap",
                         help="preset or ablation name(s), comma-separated (vanilla is always shown)")
-    from himap.cli_common import add_override_arguments
+    from himap.cli.common import add_override_arguments
 
     add_override_arguments(parser)
     parser.add_argument("--system-tokens", type=int, default=_DEFAULT_SHAPE.n_system,
@@ -49,13 +49,13 @@ def add_arguments(parser) -> None:
 
 def load_arch(arch_name: str | None, model: str | None):
     """An Arch from a preset name or a model's config (read locally; no weights loaded)."""
-    from himap.flops import Arch, get_arch
+    from himap.cost.flops import Arch, get_arch
 
     if arch_name:
         return get_arch(arch_name)
     from transformers import AutoConfig
 
-    from himap.loading import resolve_model_path
+    from himap.models.loading import resolve_model_path
 
     return Arch.from_config(AutoConfig.from_pretrained(resolve_model_path(model)), name=model)
 
@@ -63,8 +63,9 @@ def load_arch(arch_name: str | None, model: str | None):
 def resolve_methods(names: str, arch, args=None, with_vanilla: bool = True):
     """Schedules for comma-separated preset/ablation names, with --k/--ratio/--criterion applied
     to every pruning method; vanilla first when `with_vanilla` and no listed method is unpruned."""
-    from himap.cli_common import model_shape, overrides_from_args, resolve_methods as resolve_spec
-    from himap.schedule import get_schedule
+    from himap.cli.common import model_shape, overrides_from_args
+    from himap.cli.common import resolve_methods as resolve_spec
+    from himap.prune.schedule import get_schedule
 
     schedules = resolve_spec(names, model_shape(arch), overrides_from_args(args) if args else None)
     if with_vanilla and all(s.stages for s in schedules):
@@ -74,7 +75,7 @@ def resolve_methods(names: str, arch, args=None, with_vanilla: bool = True):
 
 def report(arch, schedules, shape: PromptShape, attention: str, dtype: str) -> dict:
     """Costs of each schedule and ratios to the first (vanilla) row, as a JSON-ready dict."""
-    from himap.flops import full_cost
+    from himap.cost.flops import full_cost
 
     costs = [full_cost(arch, s, shape, attention, dtype) for s in schedules]
     base = costs[0]
@@ -160,16 +161,16 @@ def main(args) -> int:
 
 
 def measure(args, arch, schedules, shape: PromptShape) -> list[dict]:
-    """Measured vs analytic FLOPs (himap.measure.compare) of each schedule on a synthetic prompt."""
-    from himap.bench import disable_eos, random_model, synthetic_inputs
-    from himap.measure import compare
+    """Measured vs analytic FLOPs (himap.cost.measure.compare) of each schedule on a synthetic prompt."""
+    from himap.cost.bench import disable_eos, random_model, synthetic_inputs
+    from himap.cost.measure import compare
 
     if args.attention != "dense":
         raise ValueError("--measure compares with the dense count (what kernels compute): drop --attention causal")
     if args.arch or args.random_weights:
         model = random_model(arch)
     else:
-        from himap.loading import load_model
+        from himap.models.loading import load_model
 
         model, _ = load_model(args.model)
         disable_eos(model)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from himap.tokens import TokenSets
+from himap.prune.tokens import TokenSets
 
 
 def _image_only(scores: torch.Tensor, sets: TokenSets) -> torch.Tensor:
@@ -86,7 +86,7 @@ def needed_rows(criterion: str, sets: TokenSets) -> torch.Tensor:
 def select_kept(scores: torch.Tensor, sets: TokenSets, ratio: float, drop_all: bool = False) -> torch.Tensor:
     """[B, T] mask of positions kept after a stage: every non-image position, and per sample the
     n - floor(ratio * n) highest-scoring image tokens (ties: the earlier position wins)."""
-    from himap.schedule import kept_count
+    from himap.prune.schedule import kept_count
 
     n = sets.image.sum(dim=1).tolist()
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # [B, T]

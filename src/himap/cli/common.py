@@ -1,6 +1,6 @@
 """Flags shared by several commands: methods with per-stage overrides, and model loading.
 
-One source of truth: schedules come from himap.schedule.PRESETS and himap.ablations, overrides
+One source of truth: schedules come from himap.prune.schedule.PRESETS and himap.evaluation.ablations, overrides
 from `--k / --ratio / --criterion` parsed here for every command.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from himap.schedule import CRITERIA, PRESETS, Schedule, with_overrides
+from himap.prune.schedule import CRITERIA, PRESETS, Schedule, with_overrides
 
 METHOD_HELP = (f"comma-separated presets ({', '.join(PRESETS)}), ablation names (uniform@himap, "
                "deep-only@himap, k1=3-r1=0.25@himap, crit=embed_norm@himap, ...) or groups (all@himap)")
@@ -58,11 +58,11 @@ def resolve_methods(spec: str, shape=None, overrides: dict | None = None, defaul
                     single_override: bool = False) -> list[Schedule]:
     """Schedules for a comma-separated method spec.
 
-    `shape` (himap.ablations.ModelShape) is needed by model-dependent ablations (uniform@B);
+    `shape` (himap.evaluation.ablations.ModelShape) is needed by model-dependent ablations (uniform@B);
     `default` replaces the name 'default' (a task's default method); `overrides` apply to every
     method that prunes, or raise when `single_override` and several methods are listed.
     """
-    from himap.ablations import expand, resolve
+    from himap.evaluation.ablations import expand, resolve
 
     names = []
     for raw in (m.strip() for m in spec.split(",")):
@@ -88,9 +88,9 @@ def resolve_methods(spec: str, shape=None, overrides: dict | None = None, defaul
 
 
 def model_shape(arch):
-    """himap.ablations.ModelShape of a himap.flops.Arch (paper-convention cost for uniform@B)."""
-    from himap.ablations import ModelShape
-    from himap.flops import paper_flops
+    """himap.evaluation.ablations.ModelShape of a himap.cost.flops.Arch (paper-convention cost for uniform@B)."""
+    from himap.cost.flops import paper_flops
+    from himap.evaluation.ablations import ModelShape
 
     return ModelShape(arch.image_tokens, arch.num_layers, cost_fn=lambda s: paper_flops(arch, s))
 
@@ -106,7 +106,7 @@ def method_from_args(args: argparse.Namespace, config=None) -> Schedule:
     model-dependent ablation names."""
     shape = None
     if config is not None:
-        from himap.flops import Arch
+        from himap.cost.flops import Arch
 
         shape = model_shape(Arch.from_config(config))
     schedules = resolve_methods(args.method, shape, overrides_from_args(args), single_override=True)

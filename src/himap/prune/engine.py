@@ -37,10 +37,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from himap import criteria
-from himap.adapters import find_adapter
-from himap.schedule import Schedule, Stage, get_schedule
-from himap.tokens import TokenSets, token_sets
+from himap.prune import criteria
+from himap.prune.adapters import find_adapter
+from himap.prune.schedule import Schedule, Stage, get_schedule
+from himap.prune.tokens import TokenSets, token_sets
 
 _WRAPPER_PREFIX = "himap_"
 SUPPORTED_TRANSFORMERS = ("5.23", "5.24")
@@ -230,7 +230,10 @@ def _clock(tensor: torch.Tensor, sync: bool) -> float:
 
 def _register_wrapper(base_impl: str) -> str:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
 
     if base_impl.startswith(_WRAPPER_PREFIX):
         raise RuntimeError("himap is already applied to this model; call himap.remove(model) first")

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from himap.schedule import Schedule
+from himap.prune.schedule import Schedule
 
 PredictBatch = Callable[[list], list[dict]]
 """items -> one dict per item with at least "prediction" (extras are stored with it)."""
@@ -278,9 +278,9 @@ def wait_for_all(directory: str, method: str, items: list, timeout_s: float, pol
 # ---------------------------------------------------------------- cost and summary
 
 def model_arch(config, name: str = "model"):
-    """The cost model's view of a model config (himap.flops.Arch), or None when unavailable."""
+    """The cost model's view of a model config (himap.cost.flops.Arch), or None when unavailable."""
     try:
-        from himap.flops import Arch
+        from himap.cost.flops import Arch
     except ImportError:
         return None
     try:
@@ -296,9 +296,9 @@ def cost_columns(arch, schedule: Schedule, records: list[dict]) -> dict:
     every method). "unavailable" with the reason when they cannot be computed."""
     out = {"tflops_paper": None, "tflops_paper_ratio": None, "tflops_full": None, "flops_note": ""}
     if arch is None:
-        out["flops_note"] = "FLOPs unavailable: no cost model for this model (himap.flops)"
+        out["flops_note"] = "FLOPs unavailable: no cost model for this model (himap.cost.flops)"
         return out
-    from himap.flops import PromptShape, full_cost, paper_flops
+    from himap.cost.flops import PromptShape, full_cost, paper_flops
 
     try:
         paper, vanilla = paper_flops(arch, schedule), paper_flops(arch, "vanilla")
@@ -405,12 +405,12 @@ def image_of(item):
 @contextlib.contextmanager
 def model_predictor(model, processor, schedule: Schedule, max_new_tokens: int):
     """A PredictBatch that generates greedily with `model` pruned by `schedule` (himap.pruned),
-    through himap.loading (chat template, left padding), recording each item's token counts (for
+    through himap.models.loading (chat template, left padding), recording each item's token counts (for
     the full FLOPs count) and its share of the batch's wall-clock time."""
 
     import himap
-    from himap.loading import build_inputs, generate_ids
-    from himap.tokens import token_sets
+    from himap.models.loading import build_inputs, generate_ids
+    from himap.prune.tokens import token_sets
 
     image_token_id = model.config.image_token_id
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -451,7 +451,7 @@ def arch_of_model(model: str):
     try:
         from transformers import AutoConfig
 
-        from himap.loading import resolve_model_path
+        from himap.models.loading import resolve_model_path
 
         config = AutoConfig.from_pretrained(resolve_model_path(model))
     except (OSError, ValueError, ImportError) as err:
@@ -472,7 +472,7 @@ def pick_device(device: str, rank: int = 0, world: int = 1) -> str:
 
 
 class LazyPredictor:
-    """A PredictorFactory over himap.loading.load_model that loads the model on first use, so a
+    """A PredictorFactory over himap.models.loading.load_model that loads the model on first use, so a
     finished run (everything resumed) loads nothing."""
 
     def __init__(self, model: str, device: str, dtype: str | None, attn_implementation: str,
@@ -483,7 +483,7 @@ class LazyPredictor:
 
     def load(self):
         if self._loaded is None:
-            from himap.loading import load_model
+            from himap.models.loading import load_model
 
             dtype = self.dtype or ("bf16" if self.device.startswith("cuda") else "fp32")
             self._loaded = load_model(self.model, attn_implementation=self.attn_implementation,

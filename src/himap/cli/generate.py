@@ -6,7 +6,7 @@ import json
 
 
 def add_arguments(parser):
-    from himap.cli_common import add_method_arguments, add_model_arguments
+    from himap.cli.common import add_method_arguments, add_model_arguments
 
     add_model_arguments(parser, default=None)
     parser.add_argument("--image", required=True, help="image file")
@@ -33,8 +33,8 @@ def main(args) -> int:
     from PIL import Image
 
     import himap
-    from himap.cli_common import method_from_args
-    from himap.loading import build_inputs, generate_ids, load_model
+    from himap.cli.common import method_from_args
+    from himap.models.loading import build_inputs, generate_ids, load_model
 
     model, processor = load_model(args.model, args.attn, args.dtype, args.device)
     schedule = method_from_args(args, model.config)
@@ -45,7 +45,7 @@ def main(args) -> int:
     answer = processor.tokenizer.decode(new[0], skip_special_tokens=True).strip()
     stats = handle.stats.to_dict()
     if args.save_kept and stats["kept_image_indices"]:
-        from himap.overlay import kept_overlay
+        from himap.analysis.overlay import kept_overlay
 
         n = stats["image_tokens_per_layer"][0][0]
         kept_overlay(image, n, [k[0] for k in stats["kept_image_indices"]]).save(args.save_kept)

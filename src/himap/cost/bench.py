@@ -31,7 +31,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
-from himap.flops import PromptShape
+from himap.cost.flops import PromptShape
 
 _SHAPE = PromptShape()
 
@@ -67,7 +67,7 @@ def random_model(arch, device: str = "cpu", dtype=None, attn_implementation: str
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from himap.loading import _dtype
+    from himap.models.loading import _dtype
 
     torch.manual_seed(seed)
     dtype = _dtype(dtype) or torch.float32
@@ -94,8 +94,8 @@ def synthetic_inputs(model, n_system: int, n_instruction: int, batch_size: int =
     """
     import torch
 
-    from himap.adapters import find_adapter
-    from himap.flops import Arch
+    from himap.cost.flops import Arch
+    from himap.prune.adapters import find_adapter
 
     arch = Arch.from_config(model.config)
     if arch.vision is None or arch.image_tokens <= 0:
@@ -164,7 +164,7 @@ def run_once(model, inputs: dict, schedule, new_tokens: int) -> dict:
     import torch
     from transformers import LogitsProcessorList
 
-    from himap import engine
+    from himap.prune import engine
 
     device = model.device
     cuda = device.type == "cuda"
@@ -273,8 +273,8 @@ def run_benchmark(model, config: BenchConfig, jsonl_path: str | None = None, pro
     import torch
     from tqdm import tqdm
 
-    from himap.flops import Arch, PromptShape, full_cost
-    from himap.schedule import get_schedule
+    from himap.cost.flops import Arch, PromptShape, full_cost
+    from himap.prune.schedule import get_schedule
 
     schedules = [get_schedule(m) for m in config.methods]
     names = [s.name for s in schedules]

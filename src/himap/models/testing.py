@@ -96,8 +96,8 @@ def tiny_inputs(config, n_system=(5,), n_instruction=(7,), seed: int = 0, left_p
 
 def save_tiny_model_dir(path, seed: int = 0, **config_kwargs) -> str:
     """Save a tiny random LLaVA with the offline processor (32-pixel images, 4-pixel patches:
-    64 image tokens) to `path`, loadable by himap.loading.load_model like any checkpoint."""
-    from himap.offline_processor import build_processor
+    64 image tokens) to `path`, loadable by himap.models.loading.load_model like any checkpoint."""
+    from himap.builtin.offline_processor import build_processor
 
     tiny_llava(seed=seed, **config_kwargs).save_pretrained(path)
     build_processor(image_size=32, patch_size=4).save_pretrained(path)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import sys
 
-from himap.bench import BenchConfig
-from himap.flops import ARCHS
+from himap.cost.bench import BenchConfig
+from himap.cost.flops import ARCHS
 
 _DEFAULT = BenchConfig()
 
@@ -27,7 +27,7 @@ def add_arguments(parser) -> None:
                         help="random weights of the architecture's size (with --model: its config only)")
     parser.add_argument("--methods", default=",".join(_DEFAULT.methods),
                         help="comma-separated presets or ablation names, run round-robin")
-    from himap.cli_common import add_override_arguments
+    from himap.cli.common import add_override_arguments
 
     add_override_arguments(parser)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -52,8 +52,8 @@ def add_arguments(parser) -> None:
 def _load(args):
     import torch
 
-    from himap.bench import disable_eos, random_model
-    from himap.flops import Arch, get_arch
+    from himap.cost.bench import disable_eos, random_model
+    from himap.cost.flops import Arch, get_arch
 
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     if args.arch:
@@ -64,11 +64,11 @@ def _load(args):
     if args.random_weights:
         from transformers import AutoConfig
 
-        from himap.loading import resolve_model_path
+        from himap.models.loading import resolve_model_path
 
         arch = Arch.from_config(AutoConfig.from_pretrained(resolve_model_path(args.model)), name=args.model)
         return random_model(arch, args.device, dtype, args.attn, args.seed), args.model
-    from himap.loading import load_model
+    from himap.models.loading import load_model
 
     model, _ = load_model(args.model, args.attn, dtype, args.device)
     disable_eos(model)  # every method must generate the same number of tokens
@@ -79,8 +79,8 @@ def _load(args):
 def main(args) -> int:
     import torch
 
-    from himap.bench import format_summary, plot, run_benchmark
-    from himap.commands.flops import resolve_methods
+    from himap.cli.flops import resolve_methods
+    from himap.cost.bench import format_summary, plot, run_benchmark
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,7 +91,7 @@ def main(args) -> int:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda but torch sees no CUDA device")
         model, name = _load(args)
-        from himap.flops import Arch
+        from himap.cost.flops import Arch
 
         config.methods = tuple(resolve_methods(args.methods, Arch.from_config(model.config), args,
                                                  with_vanilla=False))

@@ -23,8 +23,15 @@ import dataclasses
 import re
 from typing import Callable
 
-from himap.schedule import (CRITERIA, PRESETS, Schedule, Stage, get_schedule,
-                            image_tokens_per_layer, kept_count)
+from himap.prune.schedule import (
+    CRITERIA,
+    PRESETS,
+    Schedule,
+    Stage,
+    get_schedule,
+    image_tokens_per_layer,
+    kept_count,
+)
 
 K1_GRID = (1, 2, 3)  # shallow filtering layers of the K1/R1 grid
 R1_GRID = (0.25, 0.5, 0.75)  # shallow filtering ratios of the K1/R1 grid
@@ -246,7 +253,7 @@ def resolve(name: str, shape: ModelShape | None = None) -> Schedule:
         if kind == "deep-only":
             return deep_only(base, shape.n_image)
         if shape.cost_fn is None:
-            raise ValueError(f"{name!r} needs the analytic FLOPs model (himap.flops), which is unavailable")
+            raise ValueError(f"{name!r} needs the analytic FLOPs model (himap.cost.flops), which is unavailable")
         return uniform(base, shape.cost_fn, shape.n_image, shape.num_layers)
     if kind in GROUPS:
         raise ValueError(f"{name!r} is a group of methods; expand it first: {', '.join(expand(name))}")

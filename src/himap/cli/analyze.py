@@ -56,7 +56,7 @@ def add_arguments(parser) -> None:
 
 
 def _common(p, name: str) -> None:
-    from himap.cli_common import add_model_arguments
+    from himap.cli.common import add_model_arguments
 
     add_model_arguments(p)
     src = p.add_mutually_exclusive_group(required=True)
@@ -102,7 +102,7 @@ def _settings(args) -> dict:
 
 
 def _load_model(args):
-    from himap.loading import load_model
+    from himap.models.loading import load_model
 
     model, processor = load_model(args.model, attn_implementation=args.attn, dtype=args.dtype, device=args.device)
     return model.eval(), processor, args.device

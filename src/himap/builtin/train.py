@@ -1,8 +1,8 @@
 """Train the built-in model: a small LLaVA (CLIP tower + projector + Llama decoder) from scratch
-on the synthetic benchmark (himap.synthetic), on CPU, reproducibly from a seed.
+on the synthetic benchmark (himap.builtin.synthetic), on CPU, reproducibly from a seed.
 
 The model is a stock `LlavaForConditionalGeneration` and is saved with `save_pretrained` next to
-the offline processor (himap.offline_processor), so it loads through
+the offline processor (himap.builtin.offline_processor), so it loads through
 AutoModelForImageTextToText / AutoProcessor like any llava-hf checkpoint.
 
 Design choices, for a model that learns within an hour on two shared CPU cores. Each answers
@@ -49,8 +49,13 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from himap import synthetic
-from himap.offline_processor import BOS, EOS, IMAGE, build_processor, chat_prompt, pixel_values
+from himap.builtin import synthetic
+from himap.builtin.offline_processor import (
+    IMAGE,
+    build_processor,
+    chat_prompt,
+    pixel_values,
+)
 
 
 @dataclass
@@ -106,7 +111,12 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, image_size: int, patch_
                 image_token_id: int, pad_id: int, bos_id: int, eos_id: int):
     """A randomly initialised LlavaForConditionalGeneration with the given sizes."""
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     if model_cfg.text_layers < 9:
         raise ValueError("text_layers must be >= 9 so that the HiMAP preset's K2 = 8 leaves a pruned layer")

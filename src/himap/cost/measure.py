@@ -1,7 +1,7 @@
 """Measured FLOPs: run a model under torch.utils.flop_counter and compare with the analytic count.
 
 FlopCounterMode counts matrix products (mm, addmm, bmm, convolution, SDPA kernels) at 2 FLOPs per
-multiply-accumulate, per module; elementwise work is not counted, exactly like himap.flops'
+multiply-accumulate, per module; elementwise work is not counted, exactly like himap.cost.flops'
 full count. Two details make the numbers comparable:
 - On CPU, SDPA dispatches to `aten._scaled_dot_product_flash_attention_for_cpu`, which torch's
   counter does not know (it would count 0 attention FLOPs); it is registered here with torch's
@@ -48,7 +48,7 @@ def _module_names(model) -> dict[str, tuple[str, str]]:
     """FlopCounterMode's keys of each part: root class name + '.' + the submodule's path when it
     runs inside the model's forward, or its own class name when called directly (generate runs
     the vision tower and projector before the first forward)."""
-    from himap.adapters import find_adapter
+    from himap.prune.adapters import find_adapter
 
     adapter = find_adapter(model)
     paths = {id(m): name for name, m in model.named_modules()}
@@ -80,9 +80,9 @@ def count_flops(model, fn, *args, **kwargs) -> tuple[object, MeasuredFlops]:
 
 def prompt_shape(model, inputs: dict, new_tokens: int):
     """The PromptShape of a batch-1 input (S, V, I counted from input_ids, SPEC section 1)."""
-    from himap.adapters import find_adapter
-    from himap.flops import PromptShape
-    from himap.tokens import token_sets
+    from himap.cost.flops import PromptShape
+    from himap.prune.adapters import find_adapter
+    from himap.prune.tokens import token_sets
 
     ids = inputs["input_ids"]
     if ids.dim() != 2 or ids.shape[0] != 1:
@@ -103,9 +103,9 @@ def compare(model, inputs: dict, method="vanilla", new_tokens: int = 0) -> dict:
     Cost.total. Vanilla runs the unmodified model; other methods run under himap.pruned.
     Returns both counts per part and the relative error of each.
     """
-    from himap import engine
-    from himap.flops import Arch, full_cost
-    from himap.schedule import get_schedule
+    from himap.cost.flops import Arch, full_cost
+    from himap.prune import engine
+    from himap.prune.schedule import get_schedule
 
     schedule = get_schedule(method)
     shape = prompt_shape(model, inputs, max(new_tokens, 1))

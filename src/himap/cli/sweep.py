@@ -31,12 +31,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--dry-run", action="store_true", help="print the planned schedules and their TFLOPs; run nothing")
     parser.add_argument("--arch", default=None,
-                        help="model sizes from a himap.flops preset (e.g. llava-1.5-7b) instead of the model's config")
+                        help="model sizes from a himap.cost.flops preset (e.g. llava-1.5-7b) instead of the model's config")
 
 
 def apply_overrides(cfg, args):
     """The config with the command-line overrides applied."""
-    from himap.sweep import TaskSpec
+    from himap.evaluation.sweep import TaskSpec
 
     changes = {k: v for k, v in (("model", args.model), ("limit", args.limit), ("out", args.out),
                                  ("batch_size", args.batch_size), ("device", args.device),
@@ -53,8 +53,8 @@ def apply_overrides(cfg, args):
 
 def dry_run(cfg, arch) -> dict:
     """{task: [{method, stages, tflops_paper, same_as}]} without loading weights."""
-    from himap.sweep import plan, stages_text
-    from himap.evaluate import schedule_dict
+    from himap.evaluation.runner import schedule_dict
+    from himap.evaluation.sweep import plan, stages_text
 
     out = {}
     for spec, names, schedules, alias in plan(cfg, arch):
@@ -64,7 +64,7 @@ def dry_run(cfg, arch) -> dict:
             s = by[alias.get(n, n)]
             tf = None
             if arch is not None:
-                from himap.flops import paper_flops
+                from himap.cost.flops import paper_flops
 
                 tf = paper_flops(arch, s) / 1e12
             rows.append({"method": n, "stages": stages_text(schedule_dict(s)), "tflops_paper": tf,
@@ -74,15 +74,21 @@ def dry_run(cfg, arch) -> dict:
 
 
 def main(args) -> int:
-    from himap.evaluate import EvalError, LazyPredictor, arch_of_model, dist_env, pick_device
-    from himap.sweep import final_line, load_config, run_sweep
+    from himap.evaluation.runner import (
+        EvalError,
+        LazyPredictor,
+        arch_of_model,
+        dist_env,
+        pick_device,
+    )
+    from himap.evaluation.sweep import final_line, load_config, run_sweep
     from himap.tasks.base import DataError
 
     try:
         cfg = apply_overrides(load_config(args.config), args)
         rank, world = dist_env()
         if args.arch:
-            from himap.flops import get_arch
+            from himap.cost.flops import get_arch
 
             arch = get_arch(args.arch)
         else:

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 CRITERIA = ("phi_sh", "phi_dp", "phi_dp_row", "phi_last", "random", "embed_norm", "gradient")
-"""Names of the ranking criteria (see himap.criteria). `gradient` needs autograd at layer K-1."""
+"""Names of the ranking criteria (see himap.prune.criteria). `gradient` needs autograd at layer K-1."""
 
 
 @dataclass(frozen=True)

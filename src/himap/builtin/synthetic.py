@@ -16,7 +16,7 @@ what makes the choice of pruned tokens matter. Question kinds (section 5 / appen
 The default configuration is the built-in benchmark: one object of 4 colours x 4 shapes per
 image, single-attribute POPE questions, and the four values as options in a shuffled order (the
 gold letter cycles A-D). That is the version a 10-layer model trains to 100% of the held-out
-questions within 40 minutes of one CPU core (see himap.train). Both answers are interactions
+questions within 40 minutes of one CPU core (see himap.builtin.train). Both answers are interactions
 between the question and the image (which option holds the image's value; whether the value
 asked is the image's): yes/no stayed at chance until the training got an answer-position probe,
 shuffled options until the training mix weighted mc higher (then ~1,200 steps near chance before

@@ -1,9 +1,9 @@
 """A grid of schedules over tasks (`himap sweep CONFIG.yaml`): the ablation plans as one run.
 
 The config names a model, tasks and methods; each method is a preset, an ablation name from
-himap.ablations (KIND@BASE) or a group (all@base, k1r1-grid@base, criteria@base), where the
+himap.evaluation.ablations (KIND@BASE) or a group (all@base, k1r1-grid@base, criteria@base), where the
 word `base` stands for each task's base schedule (its DEFAULT_METHOD unless the task entry says
-`base:`). Every (task, method) runs through himap.evaluate, so its predictions land in the same
+`base:`). Every (task, method) runs through himap.evaluation.runner, so its predictions land in the same
 files `himap eval --out OUT` writes and a rerun resumes. Schedules identical to an earlier one in
 the same task (e.g. k1=2-r1=0.5@himap is himap) are run once and reported under both names.
 
@@ -31,7 +31,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from himap.schedule import Schedule
+from himap.prune.schedule import Schedule
 
 RESULT_COLUMNS = ("task", "method", "same_as", "stages", "metric", "score", "tflops_paper",
                   "tflops_paper_ratio", "tflops_full", "latency_s_per_example", "n_items")
@@ -110,7 +110,7 @@ def load_config(path: str) -> SweepConfig:
 def task_methods(methods: list[str], base: str) -> list[str]:
     """Method names for one task: `base` -> the base preset, `X@base` -> `X@<base>`, groups expanded,
     duplicates dropped (first kept)."""
-    from himap.ablations import expand
+    from himap.evaluation.ablations import expand
 
     out: list[str] = []
     for name in methods:
@@ -171,7 +171,7 @@ def result_rows(summaries: list[dict], alias: dict[str, str], names: list[str]) 
 
 def write_tables(out: str, rows: list[dict]) -> str:
     """results.json (full rows), results.csv (RESULT_COLUMNS) and results.md; returns the markdown."""
-    from himap.evaluate import _fmt, write_json
+    from himap.evaluation.runner import _fmt, write_json
 
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "results.json"), rows)
@@ -277,12 +277,12 @@ class SweepResult:
 def plan(cfg: SweepConfig, arch) -> list[tuple[TaskSpec, list[str], list[Schedule], dict[str, str]]]:
     """(task, requested names, distinct schedules to run, aliases) per task; resolves every
     method up front so a bad name fails before any model runs."""
-    from himap.ablations import ModelShape, resolve
+    from himap.evaluation.ablations import ModelShape, resolve
     from himap.tasks import get_task
 
     shape = None
     if arch is not None:
-        from himap.flops import paper_flops
+        from himap.cost.flops import paper_flops
 
         shape = ModelShape(n_image=arch.image_tokens, num_layers=arch.num_layers,
                            cost_fn=lambda s: paper_flops(arch, s))
@@ -307,9 +307,9 @@ def plan(cfg: SweepConfig, arch) -> list[tuple[TaskSpec, list[str], list[Schedul
 
 def run_sweep(cfg: SweepConfig, predictor, arch, rank: int = 0, world_size: int = 1,
               progress: bool = True) -> SweepResult:
-    """Evaluate every planned (task, schedule) through himap.evaluate, then (rank 0) write the
+    """Evaluate every planned (task, schedule) through himap.evaluation.runner, then (rank 0) write the
     tables and the plot."""
-    from himap.evaluate import EvalConfig, evaluate
+    from himap.evaluation.runner import EvalConfig, evaluate
 
     result = SweepResult()
     summaries_rows = []

@@ -1,9 +1,9 @@
-"""Train the built-in small LLaVA model on the synthetic benchmark (himap.train).
+"""Train the built-in small LLaVA model on the synthetic benchmark (himap.builtin.train).
 
     himap train-default --out runs/builtin            # the shipped model's recipe
     himap train-default --steps 300 --out runs/pilot  # a short pilot
 
-Flags mirror himap.train.TrainConfig and ModelConfig (one source of defaults). Prints a progress
+Flags mirror himap.builtin.train.TrainConfig and ModelConfig (one source of defaults). Prints a progress
 bar, one JSON line per held-out evaluation (also appended to OUT/log.jsonl), keeps OUT/best and
 OUT/last as loadable HF checkpoints, and ends with one JSON line summarising the run.
 `--install` copies OUT/best into the package (himap/builtin/model) with a model card.
@@ -17,7 +17,7 @@ import os
 
 
 def add_arguments(parser) -> None:
-    from himap.train import ModelConfig, TrainConfig
+    from himap.builtin.train import ModelConfig, TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("model", "mix"):
@@ -34,10 +34,10 @@ def add_arguments(parser) -> None:
     for f in dataclasses.fields(ModelConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                             help=f"model size (default {f.default})")
-    from himap.synthetic import SyntheticConfig
+    from himap.builtin.synthetic import SyntheticConfig
 
     parser.add_argument("--max-objects", type=int, default=SyntheticConfig.max_objects,
-                        help="objects per image at most (himap.synthetic.SyntheticConfig)")
+                        help="objects per image at most (himap.builtin.synthetic.SyntheticConfig)")
     parser.add_argument("--pope-query", default=SyntheticConfig.pope_query, choices=("pair", "attribute"),
                         help="POPE questions name a colour + shape pair or one attribute")
     parser.add_argument("--mc-options", default=SyntheticConfig.mc_options, choices=("fixed", "shuffled"),
@@ -55,7 +55,7 @@ def argparse_bool():
 
 def config_from_args(args):
     """TrainConfig from parsed arguments."""
-    from himap.train import ModelConfig, TrainConfig
+    from himap.builtin.train import ModelConfig, TrainConfig
 
     model = ModelConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)})
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
@@ -70,8 +70,8 @@ def config_from_args(args):
 
 
 def main(args) -> int:
-    from himap import synthetic
-    from himap.train import train
+    from himap.builtin import synthetic
+    from himap.builtin.train import train
 
     cfg = config_from_args(args)
     bad = [k for k in cfg.mix if k not in synthetic.KINDS]
