@@ -67,23 +67,29 @@ def vocabulary(words=DEFAULT_WORDS) -> dict[str, int]:
     return vocab
 
 
-def build_tokenizer(words=DEFAULT_WORDS, model_max_length: int = 2048):
+def build_tokenizer(words=DEFAULT_WORDS, model_max_length: int = 2048, special: dict | None = None):
     """A word-level `PreTrainedTokenizerFast` with <image> registered as the image token.
 
+    `special` (name -> token, e.g. {"video_token": "<video>"}) registers more special tokens under
+    those names; tokens not in the vocabulary yet get the ids after the words'.
     No BOS is added automatically: the chat template writes it, as LLaVA's templates do.
     Padding is on the left, so batched generation continues every row from its last token.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.WordLevel(vocab=vocabulary(words), unk_token=UNK))
+    special = {"image_token": IMAGE, **(special or {})}
+    vocab = vocabulary(words)
+    for tok in special.values():
+        vocab.setdefault(tok, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
     )
     core.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # join with spaces, no space before . , ? '
     return PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-        extra_special_tokens={"image_token": IMAGE}, padding_side="left",
+        extra_special_tokens=special, padding_side="left",
         model_max_length=model_max_length,
     )
 
@@ -141,3 +147,204 @@ def chat_prompt(prompt: str, answer: str | None = None) -> str:
     prompt, plus `answer</s>` when given; equals `processor.apply_chat_template` output."""
     text = f"{BOS}USER: {IMAGE}\n{prompt}\nASSISTANT:"
     return text if answer is None else f"{text} {answer}{EOS}"
+
+
+# ----------------------------------------------------------------------------- other families
+
+FAMILY_TOKENS = {
+    "llava_next": {},
+    "llava_onevision": {"video_token": "<video>"},
+    "qwen2_vl": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                 "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+    "internvl": {"image_token": "<IMG_CONTEXT>", "context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>",
+                 "end_image_token": "</img>", "video_token": "<video>"},
+}
+"""Special tokens of each family's offline tokenizer (registered under the names its processor reads)."""
+FAMILY_TOKENS["qwen2_5_vl"] = FAMILY_TOKENS["qwen3_vl"] = FAMILY_TOKENS["qwen2_vl"]
+
+_PLACEHOLDERS = {  # what the chat template writes for an image / a video part
+    "llava_next": ("<image>\n", None),
+    "llava_onevision": ("<image>\n", "<video>\n"),
+    "qwen2_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"),
+    "internvl": ("<IMG_CONTEXT>\n", None),
+}
+_PLACEHOLDERS["qwen2_5_vl"] = _PLACEHOLDERS["qwen3_vl"] = _PLACEHOLDERS["qwen2_vl"]
+
+
+def family_chat_template(family: str) -> str:
+    """CHAT_TEMPLATE with the family's image (and video) placeholders: `<s>USER: {parts}\nASSISTANT:`."""
+    image, video = _PLACEHOLDERS[family]
+    video_part = f"{{% elif part['type'] == 'video' %}}{video}" if video else ""
+    return CHAT_TEMPLATE.replace("{% if part['type'] == 'image' %}<image>\n",
+                                 f"{{% if part['type'] == 'image' %}}{image}{video_part}")
+
+
+def _without_video(cls):
+    """`cls` (a transformers processor) built without a transformers video processor: transformers
+    builds video processors only with torchvision, which this offline processor does without. For
+    Qwen2-VL / Qwen2.5-VL and LLaVA-OneVision, `FrameVideoProcessor` turns videos (lists of PIL
+    frames) into the family's video inputs instead, so the processor's own call expands the video
+    placeholders and builds mm_token_type_ids as usual."""
+
+    class Offline(cls):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+            if cls.__name__ in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "LlavaOnevisionProcessor"):
+                self.video_processor = FrameVideoProcessor(self)
+
+    Offline.__name__ = Offline.__qualname__ = f"HimapOffline{cls.__name__}"
+    return Offline
+
+
+def _frames_array(frames, size: tuple[int, int], mean, std):
+    """[F, 3, H, W] float32 frames: PIL images resized to `size` (w, h), scaled and normalised."""
+    import numpy as np
+
+    out = []
+    for im in frames:
+        im = im.convert("RGB")
+        if im.size != size:
+            im = im.resize(size)
+        x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        out.append((x - np.asarray(mean, dtype=np.float32)[:, None, None]) / np.asarray(std, dtype=np.float32)[:, None, None])
+    return np.stack(out)
+
+
+class FrameVideoProcessor:
+    """Videos as lists of PIL frames -> the video inputs of Qwen2-VL (flat patches grouped by
+    temporal_patch_size, video_grid_thw) or LLaVA-OneVision (frames at the tower's input size,
+    pixel_values_videos [videos, frames, 3, S, S]); frames are resized like the first one."""
+
+    fps = 2.0  # frames per second the frames were sampled at (Qwen2.5-VL's temporal positions read it)
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.merge_size = getattr(processor.image_processor, "merge_size", None)  # read by Qwen's token count
+        self.temporal_patch_size = getattr(processor.image_processor, "temporal_patch_size", None)
+
+    def __call__(self, videos, **kwargs) -> dict:
+        import numpy as np
+
+        if self.merge_size is None:
+            side = self.processor.image_processor.size["height"]
+            return {"pixel_values_videos": np.stack([self._frames(v, (side, side)) for v in videos])}
+        from types import SimpleNamespace
+
+        built = [self._qwen(list(v)) for v in videos]
+        return {"pixel_values_videos": np.concatenate([b[0] for b in built]),
+                "video_grid_thw": np.array([b[1] for b in built], dtype=np.int64),
+                "video_metadata": [SimpleNamespace(sampled_fps=self.fps) for _ in built]}
+
+    def _frames(self, frames, size):
+        ip = self.processor.image_processor
+        return _frames_array(frames, size, ip.image_mean, ip.image_std)
+
+    def _qwen(self, frames):
+        import numpy as np
+
+        ip = self.processor.image_processor
+        _, gh, gw = (int(v) for v in ip(images=[frames[0]], return_tensors="np")["image_grid_thw"][0])
+        p, m, tp = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+        x = self._frames(frames, (gw * p, gh * p))  # [F, C, H, W]
+        pad = (-len(x)) % tp
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
+        t, c = len(x) // tp, x.shape[1]
+        # [t, tp, C, gh/m, m, p, gw/m, m, p] -> rows (t, gh/m, gw/m, m, m), columns (C, tp, p, p)
+        x = x.reshape(t, tp, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return x.reshape(t * gh * gw, c * tp * p * p), (t, gh, gw)
+
+
+def family_processor_classes() -> dict:
+    """Offline processor class of each family, by family name (transformers' processors without
+    video processors, see `_without_video`)."""
+    from transformers import (
+        InternVLProcessor,
+        LlavaNextProcessor,
+        LlavaOnevisionProcessor,
+        Qwen2_5_VLProcessor,
+        Qwen2VLProcessor,
+        Qwen3VLProcessor,
+    )
+
+    return {"llava_next": LlavaNextProcessor, "llava_onevision": _cached(LlavaOnevisionProcessor),
+            "qwen2_vl": _cached(Qwen2VLProcessor), "qwen2_5_vl": _cached(Qwen2_5_VLProcessor),
+            "qwen3_vl": _cached(Qwen3VLProcessor), "internvl": _cached(InternVLProcessor)}
+
+
+_OFFLINE = {}
+
+
+def _cached(cls):
+    if cls.__name__ not in _OFFLINE:
+        _OFFLINE[cls.__name__] = _without_video(cls)
+    return _OFFLINE[cls.__name__]
+
+
+def offline_processor_class(name: str):
+    """The offline processor class saved under `name` (processor_config.json's processor_class), or None."""
+    for cls in family_processor_classes().values():
+        if cls.__name__ == name and name.startswith("HimapOffline"):
+            return cls
+    return None
+
+
+def build_family_processor(family: str, words=DEFAULT_WORDS, image_size: int = 32, patch_size: int = 8,
+                           **options):
+    """An offline processor for a tiny `family` model (llava_next, llava_onevision, qwen2_vl,
+    qwen2_5_vl, qwen3_vl, internvl): the word-level tokenizer with the family's special tokens,
+    the family's PIL image processor and a chat template writing its placeholders.
+
+    image_size / patch_size describe the vision tower (LLaVA-NeXT / OneVision / InternVL tiles);
+    for the Qwen families patch_size is the ViT patch and images keep their aspect ratio
+    (options: min_pixels, max_pixels, merge_size, temporal_patch_size).
+    """
+    classes = family_processor_classes()
+    if family not in classes:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(classes)}")
+    tok = build_tokenizer(words, special=FAMILY_TOKENS[family])
+    template = family_chat_template(family)
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    if family == "llava_next":
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        ip = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                        crop_size={"height": image_size, "width": image_size},
+                                        image_grid_pinpoints=options.get("pinpoints", _pinpoints(image_size)),
+                                        image_mean=list(mean), image_std=list(std))
+        return classes[family](image_processor=ip, tokenizer=tok, patch_size=patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=template)
+    if family == "llava_onevision":
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+
+        ip = LlavaOnevisionImageProcessorPil(size={"height": image_size, "width": image_size},
+                                             image_grid_pinpoints=options.get("pinpoints", _pinpoints(image_size)),
+                                             image_mean=list(mean), image_std=list(std))
+        return classes[family](image_processor=ip, tokenizer=tok, num_image_tokens=(image_size // patch_size) ** 2,
+                               vision_feature_select_strategy="full", chat_template=template)
+    if family == "internvl":
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        ip = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True,
+                                      min_patches=1, max_patches=options.get("max_patches", 4),
+                                      image_mean=list(mean), image_std=list(std))
+        return classes[family](image_processor=ip, tokenizer=tok,
+                               image_seq_length=options.get("image_seq_length", (image_size // patch_size) ** 2 // 4),
+                               chat_template=template)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    merge = options.get("merge_size", 2)
+    unit = patch_size * merge
+    ip = Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge,
+                                  temporal_patch_size=options.get("temporal_patch_size", 2),
+                                  size={"shortest_edge": options.get("min_pixels", unit * unit * 4),
+                                        "longest_edge": options.get("max_pixels", unit * unit * 64)},
+                                  image_mean=list(mean), image_std=list(std))
+    return classes[family](image_processor=ip, tokenizer=tok, chat_template=template)
+
+
+def _pinpoints(side: int) -> list[list[int]]:
+    """Anyres grid resolutions: 1x2, 2x1 and 2x2 tiles of `side` pixels."""
+    return [[side, 2 * side], [2 * side, side], [2 * side, 2 * side]]

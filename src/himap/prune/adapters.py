@@ -1,5 +1,11 @@
-"""Per-family adapters: where a multimodal model keeps its language model, LM head and image
-token id. A new family (LLaVA-NeXT, Qwen2-VL) adds one entry here; the engine stays the same."""
+"""Per-family adapters: where a multimodal model keeps its language model, LM head and visual
+token ids. A family is one entry here (never a copy of its forward); the engine stays the same.
+
+Every supported family runs its decoder as `model.model.language_model` (a Llama-style decoder:
+embed_tokens, layers, rotary_emb, norm) and its output projection as `model.lm_head`. They differ
+in the visual token ids (image and video), in how a video's tokens split into frames (for the
+per-image quota) and in family-specific limits checked at `apply`.
+"""
 
 from __future__ import annotations
 
@@ -7,38 +13,112 @@ from dataclasses import dataclass
 from typing import Callable
 
 
+def _decoder(model):
+    return model.model.language_model
+
+
+def _multimodal(model):
+    return model.model
+
+
+def _lm_head(model):
+    return model.lm_head
+
+
+def _token_ids(*names: str) -> Callable:
+    """model -> the ids found under these config names (image first, then video), skipping absent ones."""
+    def ids(model) -> tuple[int, ...]:
+        out = []
+        for name in names:
+            value = getattr(model.config, name, None)
+            if value is not None and int(value) not in out:
+                out.append(int(value))
+        return tuple(out)
+
+    return ids
+
+
+def _qwen_video_frames(model, mm_kwargs: dict) -> list[int] | None:
+    """Qwen2-VL / Qwen2.5-VL: frames (temporal patches) of each video, from video_grid_thw [n, 3]."""
+    grid = mm_kwargs.get("video_grid_thw")
+    return None if grid is None else [int(t) for t in grid[:, 0]]
+
+
+def _onevision_video_frames(model, mm_kwargs: dict) -> list[int] | None:
+    """LLaVA-OneVision: pixel_values_videos [videos, frames, C, H, W]; one newline closes each video."""
+    pixels = mm_kwargs.get("pixel_values_videos")
+    return None if pixels is None else [int(pixels.shape[1])] * int(pixels.shape[0])
+
+
+def _qwen3_check(model, schedule) -> None:
+    """Qwen3-VL adds deepstack visual features to the visual positions after decoder layers
+    0 .. n-1 (n = len(vision_config.deepstack_visual_indexes)); tokens may only be dropped once
+    every injection is done, i.e. at K >= n."""
+    n = len(getattr(model.config.vision_config, "deepstack_visual_indexes", ()) or ())
+    bad = [s.k for s in schedule.stages if s.k < n]
+    if bad:
+        raise ValueError(f"{type(model).__name__} adds deepstack visual features to the visual tokens after "
+                         f"decoder layers 0..{n - 1}; a stage at K={bad[0]} would drop tokens before the last "
+                         f"injection. Use K >= {n} for every stage (e.g. --k {n} {max(n + 1, 8)}).")
+
+
 @dataclass(frozen=True)
 class Adapter:
     name: str  # family name shown in errors and statistics
     classes: tuple[str, ...]  # model class names this adapter serves
-    language_model: Callable  # model -> decoder (LlamaModel-like: embed_tokens, layers, rotary_emb, norm)
-    multimodal_model: Callable  # model -> module whose forward receives input_ids (hooked to find V)
-    lm_head: Callable  # model -> output projection (gradient criterion)
-    image_token_id: Callable  # model -> int
+    visual_token_ids: Callable  # model -> (image token id, [video token id]): every id that marks V
+    language_model: Callable = _decoder  # model -> decoder (Llama-like: embed_tokens, layers, rotary_emb, norm)
+    multimodal_model: Callable = _multimodal  # model -> module whose forward receives input_ids (hooked to find V)
+    lm_head: Callable = _lm_head  # model -> output projection (gradient criterion)
+    video_token_id: Callable | None = None  # model -> id of video tokens (None: the family has no video input)
+    video_frames: Callable | None = None  # (model, multimodal call kwargs) -> frames per video, in batch order
+    check: Callable | None = None  # (model, schedule) -> None, raises when the schedule does not fit the family
+    refuse: str | None = None  # why himap cannot prune this family (apply raises TypeError with it)
+
+    def image_token_id(self, model) -> int:
+        """The image token id (the first visual token id)."""
+        return self.visual_token_ids(model)[0]
 
 
-LLAVA = Adapter(
-    name="llava",
-    classes=("LlavaForConditionalGeneration",),
-    language_model=lambda m: m.model.language_model,
-    multimodal_model=lambda m: m.model,
-    lm_head=lambda m: m.lm_head,
-    image_token_id=lambda m: int(m.config.image_token_id),
-)
+_IMAGE = _token_ids("image_token_id")
+_IMAGE_VIDEO = _token_ids("image_token_id", "video_token_id")
+_VIDEO = lambda m: int(m.config.video_token_id)  # noqa: E731
 
-ADAPTERS = (LLAVA,)
+LLAVA = Adapter(name="llava", classes=("LlavaForConditionalGeneration",), visual_token_ids=_IMAGE)
+LLAVA_NEXT = Adapter(name="llava-next", classes=("LlavaNextForConditionalGeneration",), visual_token_ids=_IMAGE)
+LLAVA_ONEVISION = Adapter(name="llava-onevision", classes=("LlavaOnevisionForConditionalGeneration",),
+                          visual_token_ids=_IMAGE_VIDEO, video_token_id=_VIDEO,
+                          video_frames=_onevision_video_frames)
+QWEN2_VL = Adapter(name="qwen2-vl", classes=("Qwen2VLForConditionalGeneration",
+                                             "Qwen2_5_VLForConditionalGeneration"),
+                   visual_token_ids=_IMAGE_VIDEO, video_token_id=_VIDEO, video_frames=_qwen_video_frames)
+QWEN3_VL = Adapter(name="qwen3-vl", classes=("Qwen3VLForConditionalGeneration",),
+                   visual_token_ids=_IMAGE_VIDEO, video_token_id=_VIDEO, check=_qwen3_check)
+INTERNVL = Adapter(name="internvl", classes=("InternVLForConditionalGeneration",), visual_token_ids=_IMAGE)
+GEMMA3 = Adapter(
+    name="gemma3", classes=("Gemma3ForConditionalGeneration",), visual_token_ids=_IMAGE,
+    refuse=("Gemma 3 does not fit himap's pruning: the tokens of one image attend to each other "
+            "bidirectionally (Gemma3Model builds that mask from token_type_ids and hands the decoder one "
+            "mask per layer type), and most of its layers use a sliding window counted in cache slots. "
+            "himap gives the kept tokens causal masks built by create_causal_mask, so a pruned Gemma 3 "
+            "would compute something the unpruned model never does."))
+
+ADAPTERS = (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_VL, QWEN3_VL, INTERNVL, GEMMA3)
 LLAMA_PARTS = ("embed_tokens", "layers", "rotary_emb", "norm")
 
 
 def supported_classes() -> list[str]:
-    return [c for a in ADAPTERS for c in a.classes]
+    return [c for a in ADAPTERS if a.refuse is None for c in a.classes]
 
 
 def find_adapter(model) -> Adapter:
-    """The adapter for `model`, or a TypeError naming the supported classes."""
+    """The adapter for `model`, or a TypeError naming the supported classes (or why its family
+    cannot be pruned)."""
     cls = type(model).__name__
     for adapter in ADAPTERS:
         if cls in adapter.classes:
+            if adapter.refuse:
+                raise TypeError(f"{cls}: {adapter.refuse}")
             lm = adapter.language_model(model)
             missing = [p for p in LLAMA_PARTS if not hasattr(lm, p)]
             if missing:

@@ -72,6 +72,19 @@ def gradient(hidden: torch.Tensor, grad: torch.Tensor, sets: TokenSets) -> torch
 ATTENTION_CRITERIA = {"phi_sh": phi_sh, "phi_dp": phi_dp, "phi_dp_row": phi_dp_row, "phi_last": phi_last}
 
 
+REDUCTIONS = {"phi_sh": "column", "phi_dp": "column", "phi_last": "column", "phi_dp_row": "row"}
+"""How the engine computes each attention criterion in bounded memory: "column" sums the needed
+rows' attention per key (phi(v) = sum over rows i of A(i, v)); "row" sums each needed row over the
+visual columns (phi(v) = sum over visual j of A(v, j)). Either way the criterion's scores are the
+reduction at the visual positions (`from_reduction`), equal to the function above applied to the
+dense rows. A criterion missing here gets dense rows [B, T, T] instead."""
+
+
+def from_reduction(reduced: torch.Tensor, sets: TokenSets) -> torch.Tensor:
+    """Scores [B, T] of a criterion in REDUCTIONS from the engine's reduced attention [B, T]."""
+    return _image_only(reduced, sets)
+
+
 def needed_rows(criterion: str, sets: TokenSets) -> torch.Tensor:
     """[B, T] mask of the attention rows (queries) an attention criterion reads."""
     if criterion == "phi_sh":
@@ -83,15 +96,32 @@ def needed_rows(criterion: str, sets: TokenSets) -> torch.Tensor:
     raise ValueError(f"{criterion!r} is not an attention criterion")
 
 
-def select_kept(scores: torch.Tensor, sets: TokenSets, ratio: float, drop_all: bool = False) -> torch.Tensor:
+def select_kept(scores: torch.Tensor, sets: TokenSets, ratio: float, drop_all: bool = False,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T] mask of positions kept after a stage: every non-image position, and per sample the
-    n - floor(ratio * n) highest-scoring image tokens (ties: the earlier position wins)."""
+    n - floor(ratio * n) highest-scoring visual tokens (ties: the earlier position wins).
+
+    `groups` [B, T] (visual token -> its image or video frame, himap.prune.tokens.visual_groups)
+    turns on the per-image quota: each group of n_g tokens keeps its own n_g - floor(ratio * n_g).
+    """
     from himap.prune.schedule import kept_count
 
-    n = sets.image.sum(dim=1).tolist()
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # [B, T]
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    keep_n = torch.tensor([kept_count(int(c), ratio, drop_all) for c in n], device=scores.device)
-    keep_image = sets.image & (rank < keep_n[:, None])
+    if groups is None:
+        groups = torch.where(sets.image, 0, -1)
+    groups = torch.where(sets.image, groups, -1)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # [B, T] by score
+    order = order.gather(1, torch.sort(groups.gather(1, order), dim=1, stable=True).indices)  # by group, then score
+    g_sorted = groups.gather(1, order)  # [B, T]
+    pos = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    first = torch.ones_like(g_sorted, dtype=torch.bool)
+    first[:, 1:] = g_sorted[:, 1:] != g_sorted[:, :-1]
+    start = torch.cummax(torch.where(first, pos, 0), dim=1).values  # [B, T] where each group starts
+    rank_sorted = pos - start  # rank within the group
+    counts = torch.zeros((g_sorted.shape[0], int(groups.max()) + 2), dtype=torch.long, device=groups.device)
+    counts.scatter_add_(1, g_sorted + 1, torch.ones_like(g_sorted))
+    size = counts.gather(1, g_sorted + 1)  # [B, T] size of each token's group
+    keep_n = torch.tensor([kept_count(int(n), ratio, drop_all) for n in range(int(size.max()) + 1)],
+                          device=scores.device)[size]  # [B, T] kept tokens of each token's group
+    keep_sorted = (g_sorted >= 0) & (rank_sorted < keep_n)
+    keep_image = torch.zeros_like(sets.image).scatter(1, order, keep_sorted)
     return ~sets.image | keep_image

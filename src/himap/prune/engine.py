@@ -40,12 +40,16 @@ import torch
 from himap.prune import criteria
 from himap.prune.adapters import find_adapter
 from himap.prune.schedule import Schedule, Stage, get_schedule
-from himap.prune.tokens import TokenSets, token_sets
+from himap.prune.tokens import TokenSets, token_sets, visual_groups
 
 _WRAPPER_PREFIX = "himap_"
 SUPPORTED_TRANSFORMERS = ("5.23", "5.24")
 """The transformers releases (major.minor) the test suite ran on; pyproject.toml admits exactly these."""
 CACHE_KEYWORDS = ("cache", "past_key_values")  # the cache's keyword: 5.24 renamed past_key_values
+ROW_CHUNK_BYTES = 64 * 2 ** 20
+"""Default budget of one chunk of ranking rows: the fp32 logits and probabilities of the query rows
+computed at once ([B, Hq, c, T] each), so the ranking's extra memory stays bounded however many
+visual tokens a prompt has (see `reduced_attention`)."""
 
 
 class LayoutError(TypeError):
@@ -94,7 +98,9 @@ class _Capture:
     layer: int
     rows: torch.Tensor  # [B, T] query positions to compute
     valid: torch.Tensor  # [B, T] key positions that are not padding
-    attn: torch.Tensor | None = None  # [B, T, T] filled rows (head mean), the rest zero
+    reduce: str | None = None  # "column" / "row": reduce while computing (criteria.REDUCTIONS); None: dense rows
+    columns: torch.Tensor | None = None  # [B, T] key positions a "row" reduction sums over
+    attn: torch.Tensor | None = None  # dense: [B, T, T] filled rows (head mean), the rest zero; reduced: [B, T]
 
 
 @dataclass
@@ -136,7 +142,8 @@ class _Call:
     segments: list = field(default_factory=list)  # [_Segment] from K1 on
     stage: int = 0  # next stage to run (prefill)
     tokens: _Tokens | None = None  # tokens present (prefill)
-    image_index: torch.Tensor | None = None  # [B, T] index among the sample's image tokens
+    image_index: torch.Tensor | None = None  # [B, T] index among the sample's visual tokens
+    groups: torch.Tensor | None = None  # [B, T] image / video frame of each visual token (per-image quota)
     layer_counts: list = field(default_factory=list)  # [(tokens [B], image tokens [B], layers)] (prefill)
 
 
@@ -152,8 +159,11 @@ class PruneHandle:
     """Returned by `apply`: the schedule in force and the statistics of the last call."""
 
     def __init__(self, model, schedule: Schedule, adapter, base_impl: str, sync_timing: bool,
-                 replay: list | None, layout: _Layout):
+                 replay: list | None, layout: _Layout, quota: str = "sample",
+                 row_chunk_bytes: int = ROW_CHUNK_BYTES):
         self.model = model
+        self.quota = quota  # "sample": rank over all of a sample's visual tokens; "image": per image / frame
+        self.row_chunk_bytes = row_chunk_bytes  # budget of one chunk of ranking rows (reduced_attention)
         self.replay = replay  # kept_image_indices [stage][B] to reuse instead of ranking
         self.schedule = schedule
         self.adapter = adapter
@@ -162,6 +172,7 @@ class PruneHandle:
         self.layout = layout
         self.stats: PruneStats | None = None
         self._input_ids = None  # recorded by the multimodal pre-hook for the next decoder call
+        self._mm_kwargs = {}  # the multimodal call's video inputs (frames per video, per-image quota)
         self._capture: _Capture | None = None
         self._call: _Call | None = None
         self._prefill = None  # (weakref to its cache or None, prompt length, [_Segment]) of the last prefill
@@ -202,6 +213,58 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, k
     return out
 
 
+def chunk_rows(batch: int, heads: int, keys: int, budget_bytes: int) -> int:
+    """Query rows per chunk so that one chunk's fp32 logits and probabilities fit `budget_bytes`
+    (2 x B x Hq x c x T x 4 bytes); at least one row."""
+    return max(1, int(budget_bytes) // (2 * 4 * batch * heads * keys))
+
+
+def reduced_attention(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, key_valid: torch.Tensor,
+                      scaling: float, reduce: str, columns: torch.Tensor | None = None,
+                      budget_bytes: int = ROW_CHUNK_BYTES) -> torch.Tensor:
+    """A linear reduction of the head-averaged causal softmax attention A over the asked rows,
+    computed chunk by chunk without materialising A (prefill):
+
+    - reduce="column": out[b, j] = sum over asked rows i of A(i, j)  (phi_sh, phi_dp, phi_last);
+    - reduce="row": out[b, i] = sum over `columns` j of A(i, j) for each asked row i, 0 elsewhere
+      (phi_dp_row).
+
+    Memory: besides the [B, T] result, one chunk of c rows holds fp32 logits and probabilities
+    [B, Hq, c, T] (c from `chunk_rows`, so at most `budget_bytes`, or one row if a single row is
+    larger), the chunk's queries [B, Hq, c, D] and, for a model that does not run in fp32, an fp32
+    copy of the keys [B, Hkv, T, D].
+    """
+    b, hq, t, d = query.shape
+    hkv, n_keys = key.shape[1], key.shape[2]
+    out = query.new_zeros((b, n_keys), dtype=torch.float32)
+    row_idx = rows.any(dim=0).nonzero().squeeze(1)  # [r] union of asked rows over the batch
+    if row_idx.numel() == 0:
+        return out
+    keys_t = key.float().transpose(-1, -2)  # [B, Hkv, D, T]
+    key_pos = torch.arange(n_keys, device=query.device)
+    cols = columns.float() if columns is not None else None
+    step = chunk_rows(b, hq, n_keys, budget_bytes)
+    for start in range(0, row_idx.numel(), step):
+        idx = row_idx[start:start + step]  # [c]
+        c = idx.numel()
+        # GQA without repeat_kv: query head h uses key head h // (Hq / Hkv)
+        q = query[:, :, idx].float().reshape(b, hkv, (hq // hkv) * c, d)  # [B, Hkv, g*c, D]
+        logits = torch.matmul(q, keys_t).view(b, hq, c, n_keys).mul_(scaling)  # [B, Hq, c, T]
+        blocked = ~((key_pos[None, :] <= idx[:, None])[None] & key_valid[:, None, :])  # [B, c, T]
+        logits.masked_fill_(blocked[:, None], torch.finfo(torch.float32).min)
+        probs = torch.softmax(logits, dim=-1)  # [B, Hq, c, T]
+        del logits
+        probs = probs.mean(dim=1) * rows[:, idx, None]  # [B, c, T] head mean; rows a sample did not ask: 0
+        if reduce == "column":
+            out += probs.sum(dim=1)
+        elif reduce == "row":
+            out[:, idx] = (probs * cols[:, None, :]).sum(dim=-1)
+        else:
+            raise ValueError(f"unknown reduction {reduce!r}")
+        del probs
+    return out
+
+
 def _base_attention(module, base_impl: str):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -217,7 +280,11 @@ def _wrapped_attention(module, query, key, value, attention_mask, **kwargs):
     if cap is not None and cap.layer == module.layer_idx and cap.attn is None and not handle._probing:
         t0 = _clock(query, handle.sync_timing)
         scaling = kwargs.get("scaling") or module.scaling
-        cap.attn = attention_rows(query, key, cap.rows, cap.valid, scaling)
+        if cap.reduce is None:  # a criterion without a reduction reads dense rows
+            cap.attn = attention_rows(query, key, cap.rows, cap.valid, scaling)
+        else:
+            cap.attn = reduced_attention(query, key, cap.rows, cap.valid, scaling, cap.reduce, cap.columns,
+                                         handle.row_chunk_bytes)
         handle.stats.ranking_seconds += _clock(query, handle.sync_timing) - t0
     return _base_attention(module, handle.base_impl)(module, query, key, value, attention_mask, **kwargs)
 
@@ -252,6 +319,18 @@ def _params(fn) -> set[str]:
     return set(inspect.signature(fn).parameters)
 
 
+def _layer_type(config, layer, i: int) -> str:
+    """How layer i attends, the way the decoders choose its mask: the layer's own attention_type,
+    else the config's layer_types[i] (Qwen2, Qwen2-VL: the decoder indexes its mask dict with it),
+    else a sliding window when the config sets one (Mistral), else full causal attention."""
+    kind = getattr(layer, "attention_type", None)
+    if kind is None and getattr(config, "layer_types", None) is not None:
+        kind = config.layer_types[i]
+    if kind is None:
+        kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    return kind
+
+
 def check_layout(lm) -> _Layout:
     """How `lm`'s forward calls its layers, read from signatures; raises LayoutError for a layout
     this engine does not know (checked at `apply`, before any token is produced)."""
@@ -276,7 +355,7 @@ def check_layout(lm) -> _Layout:
         attn = getattr(layer, "self_attn", None)
         if getattr(attn, "layer_idx", None) != i:
             raise _layout_error(f"decoder layer {i} has no self_attn with layer_idx {i}")
-        kind = getattr(layer, "attention_type", "full_attention")
+        kind = _layer_type(lm.config, layer, i)
         builder = {"full_attention": "create_causal_mask",
                    "sliding_attention": "create_sliding_window_causal_mask"}.get(kind)
         if builder is None:
@@ -319,6 +398,14 @@ def _image_index(sets: TokenSets) -> torch.Tensor:
     return torch.where(sets.image, sets.image.long().cumsum(dim=1) - 1, -1)
 
 
+def _visual_groups(handle: PruneHandle, ids: torch.Tensor, sets: TokenSets) -> torch.Tensor:
+    """[B, T] image / video frame of each visual token of the prompt (the per-image quota's groups)."""
+    adapter, model = handle.adapter, handle.model
+    video_id = adapter.video_token_id(model) if adapter.video_token_id else None
+    frames = adapter.video_frames(model, handle._mm_kwargs) if adapter.video_frames else None
+    return visual_groups(ids, sets.image, video_id, frames)
+
+
 def _replay_scores(kept: list[list[int]], tokens: _Tokens, image_index: torch.Tensor) -> torch.Tensor:
     """Scores that select exactly the recorded image indices (1 for kept, 0 otherwise)."""
     idx = image_index.gather(1, tokens.index)  # [B, T'] image index of each present token
@@ -337,6 +424,8 @@ def _stage_scores(handle: PruneHandle, stage: Stage, tokens: _Tokens, hidden: to
         if handle._capture is None or handle._capture.attn is None:
             raise _layout_error(f"layer {stage.k - 1}'s attention did not pass through himap's registered "
                                 f"attention function, so its ranking rows are missing")
+        if handle._capture.reduce is not None:
+            return criteria.from_reduction(handle._capture.attn, tokens.sets)
         return criteria.ATTENTION_CRITERIA[stage.criterion](handle._capture.attn, tokens.sets)
     if stage.criterion == "random":
         return criteria.random_scores(tokens.sets, stage.seed)
@@ -397,13 +486,15 @@ def _decoder_pre_hook(handle: PruneHandle, lm, args, kwargs):
 
 
 def _start_prefill(handle: PruneHandle, ids, mask2d) -> _Call:
-    sets = token_sets(ids, handle.adapter.image_token_id(handle.model), mask2d)
+    sets = token_sets(ids, handle.adapter.visual_token_ids(handle.model), mask2d)
     stats = handle.stats = PruneStats()
     handle._prefill = None
     call = _Call(prefill=True, mask2d=mask2d, ids=ids)
     b, t = ids.shape
     call.tokens = _Tokens(torch.arange(t, device=ids.device).expand(b, t), sets.valid, sets)
     call.image_index = _image_index(sets)
+    if handle.quota == "image":
+        call.groups = _visual_groups(handle, ids, sets)
     stages = handle.schedule.stages
     if stages and not bool(sets.image.any()):
         stats.notes.append("no image tokens in the prompt: ran unpruned")
@@ -456,8 +547,10 @@ def _request_rows(handle: PruneHandle, call: _Call) -> None:
         return
     stage = stages[call.stage]
     if stage.criterion in criteria.ATTENTION_CRITERIA and not stage.drop_all:
-        handle._capture = _Capture(stage.k - 1, criteria.needed_rows(stage.criterion, call.tokens.sets),
-                                   call.tokens.valid)
+        sets = call.tokens.sets
+        reduce = criteria.REDUCTIONS.get(stage.criterion)
+        handle._capture = _Capture(stage.k - 1, criteria.needed_rows(stage.criterion, sets), call.tokens.valid,
+                                   reduce, sets.image if reduce == "row" else None)
 
 
 def _layer_pre_hook(handle: PruneHandle, lm, layer_idx: int, args, kwargs):
@@ -517,7 +610,8 @@ def _prune(handle: PruneHandle, lm, call: _Call, hidden, kwargs):
     else:
         grad_fn = lambda h: _greedy_loss_grad(handle, lm, h, stage.k, kwargs)  # noqa: E731
         scores = _stage_scores(handle, stage, tokens, hidden, grad_fn)
-    keep = criteria.select_kept(scores, tokens.sets, stage.ratio, stage.drop_all)
+    groups = call.groups.gather(1, tokens.index) if call.groups is not None else None
+    keep = criteria.select_kept(scores, tokens.sets, stage.ratio, stage.drop_all, groups)
     local, local_valid = compact(keep)
     hidden = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T', d]
     tokens = call.tokens = tokens.gather(local, local_valid)
@@ -616,8 +710,14 @@ def _decoder_hook(handle: PruneHandle, lm, args, kwargs, output):
 
 # ----------------------------------------------------------------------------- public API
 
+QUOTAS = ("sample", "image")
+"""How a stage's keep budget is shared: "sample" ranks over all of a sample's visual tokens (the
+paper's rule, applied to every image and frame together); "image" keeps n_g - floor(R * n_g) of
+each image or video frame g."""
+
+
 def apply(model, method: "str | Schedule" = "himap", *, sync_timing: bool = False,
-          replay: list | None = None) -> PruneHandle:
+          replay: list | None = None, quota: str = "sample", row_chunk_bytes: int = ROW_CHUNK_BYTES) -> PruneHandle:
     """Attach a pruning schedule (preset name or Schedule) to `model` in place; return its handle.
 
     Every layer keeps its attention implementation; `model.generate` and `model(...)` prune once
@@ -625,27 +725,32 @@ def apply(model, method: "str | Schedule" = "himap", *, sync_timing: bool = Fals
     model. `sync_timing` synchronises CUDA around the ranking so stats.ranking_seconds is exact.
     `replay` (a previous stats.kept_image_indices) keeps exactly those image tokens at each stage
     instead of ranking: the same pruning on another implementation, batch or sequence.
+    `quota` (QUOTAS) shares each stage's budget per sample or per image / video frame;
+    `row_chunk_bytes` bounds the memory of one chunk of ranking rows (reduced_attention).
     """
     adapter = find_adapter(model)
     schedule = get_schedule(method)
+    if quota not in QUOTAS:
+        raise ValueError(f"unknown quota {quota!r}; choose one of {', '.join(QUOTAS)}")
     lm = adapter.language_model(model)
     layout = check_layout(lm)
     _check_version()
     schedule.validate_for(len(lm.layers))
+    if adapter.check is not None:
+        adapter.check(model, schedule)
     if replay is not None and len(replay) != len(schedule.stages):
         raise ValueError(f"replay has {len(replay)} stage(s), the schedule has {len(schedule.stages)}")
     if getattr(lm, "_himap_handle", None) is not None:
         raise RuntimeError("himap is already applied to this model; call himap.remove(model) first")
     base_impl = lm.config._attn_implementation or "eager"
     name = _register_wrapper(base_impl)
-    handle = PruneHandle(model, schedule, adapter, base_impl, sync_timing, replay, layout)
+    handle = PruneHandle(model, schedule, adapter, base_impl, sync_timing, replay, layout, quota, row_chunk_bytes)
     lm._himap_handle = handle
     for layer in lm.layers:
         layer.self_attn._himap_handle = handle
     hooks = handle._hooks
     hooks.append(adapter.multimodal_model(model).register_forward_pre_hook(
-        lambda mod, args, kw: setattr(handle, "_input_ids", kw.get("input_ids", args[0] if args else None)),
-        with_kwargs=True))
+        lambda mod, args, kw: _record_multimodal_call(handle, args, kw), with_kwargs=True))
     if schedule.stages:
         hooks.append(model.register_forward_pre_hook(_refuse_labels, with_kwargs=True))
     hooks.append(lm.register_forward_pre_hook(
@@ -657,6 +762,12 @@ def apply(model, method: "str | Schedule" = "himap", *, sync_timing: bool = Fals
             lambda mod, args, kw, i=i: _layer_pre_hook(handle, lm, i, args, kw), with_kwargs=True))
     model.set_attn_implementation({"text_config": name})
     return handle
+
+
+def _record_multimodal_call(handle: PruneHandle, args, kwargs) -> None:
+    """The multimodal model's call: its input_ids (the decoder gets only embeddings) and video inputs."""
+    handle._input_ids = kwargs.get("input_ids", args[0] if args else None)
+    handle._mm_kwargs = {k: kwargs.get(k) for k in ("video_grid_thw", "pixel_values_videos")}
 
 
 def _refuse_labels(module, args, kwargs):
