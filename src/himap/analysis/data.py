@@ -150,8 +150,9 @@ def build_batch(processor, items: list, device="cpu", dtype=None) -> dict:
     return build_inputs(processor, images, [it.prompt for it in items], device=device, dtype=dtype)
 
 
-def drop_image_tokens(inputs: dict, image_token_id: int, pad_token_id: int = 0) -> dict:
-    """The same prompts without the image: image-token positions removed from the sequence
+def drop_image_tokens(inputs: dict, image_token_id, pad_token_id: int = 0) -> dict:
+    """The same prompts without the image: visual-token positions (`image_token_id`: one id or
+    every visual id) removed from the sequence
     (the text around them, including the separator after the image, is kept), left-padded
     again; pixel inputs dropped. Returns {input_ids, attention_mask}."""
     import torch
@@ -159,7 +160,9 @@ def drop_image_tokens(inputs: dict, image_token_id: int, pad_token_id: int = 0) 
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
-    keep = mask.bool() & (ids != image_token_id)  # [B, T]
+    from himap.prune.tokens import visual_mask
+
+    keep = mask.bool() & ~visual_mask(ids, image_token_id)  # [B, T]
     rows = [ids[b][keep[b]] for b in range(ids.shape[0])]
     width = max(1, max(len(r) for r in rows))
     out_ids = torch.full((len(rows), width), pad_token_id, dtype=ids.dtype, device=ids.device)
@@ -174,9 +177,10 @@ def drop_image_tokens(inputs: dict, image_token_id: int, pad_token_id: int = 0) 
 def blank_image(inputs: dict) -> dict:
     """The same prompts with a blank image: pixel values all zero, i.e. an image of the image
     processor's mean colour (token layout unchanged)."""
-    if "pixel_values" not in inputs:
+    pixels = [k for k in ("pixel_values", "pixel_values_videos") if k in inputs]
+    if not pixels:
         raise ValueError("inputs have no pixel_values to blank")
-    return {**inputs, "pixel_values": inputs["pixel_values"].new_zeros(inputs["pixel_values"].shape)}
+    return {**inputs, **{k: inputs[k].new_zeros(inputs[k].shape) for k in pixels}}
 
 
 class ResultFile:

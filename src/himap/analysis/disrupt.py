@@ -186,7 +186,9 @@ def disrupt_batch(model, inputs: dict, targets, accepted=None, config: DisruptCo
     ids = inputs["input_ids"]
     mask = torch.ones_like(ids) if mask is None else mask
     inputs = {**inputs, "attention_mask": mask}
-    sets = token_sets(ids, model.config.image_token_id, mask)
+    from himap.prune.adapters import visual_token_ids
+
+    sets = token_sets(ids, visual_token_ids(model), mask)
     n = ids.shape[0]
     if not bool(sets.has_image.all()):
         raise ValueError("every sample needs image tokens for disruption (a sample has none)")

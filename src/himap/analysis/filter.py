@@ -31,7 +31,7 @@ def first_tokens(model, inputs: dict) -> list[int]:
         return last_logits(model, inputs).argmax(-1).tolist()
 
 
-def without_image(inputs: dict, mode: str, image_token_id: int, pad_token_id: int = 0) -> dict:
+def without_image(inputs: dict, mode: str, image_token_id, pad_token_id: int = 0) -> dict:
     """The inputs with the image removed (`drop`) or blanked (`blank`)."""
     from himap.analysis.data import blank_image, drop_image_tokens
 
@@ -51,7 +51,9 @@ def filter_batch(model, inputs: dict, accepted: list, config: FilterConfig | Non
     cfg = model.config
     pad = getattr(getattr(cfg, "text_config", cfg), "pad_token_id", None)
     with_img = first_tokens(model, inputs)
-    without = first_tokens(model, without_image(inputs, config.without, cfg.image_token_id,
+    from himap.prune.adapters import visual_token_ids
+
+    without = first_tokens(model, without_image(inputs, config.without, visual_token_ids(model),
                                                 0 if pad is None else pad))
     out = []
     for b, ok in enumerate(accepted):

@@ -158,7 +158,9 @@ def saliency(model, inputs: dict, targets=None, config: SaliencyConfig | None = 
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
     inputs = {**inputs, "attention_mask": mask}
-    sets = token_sets(ids, model.config.image_token_id, mask)
+    from himap.prune.adapters import visual_token_ids
+
+    sets = token_sets(ids, visual_token_ids(model), mask)
     if not bool(sets.has_image.all()):
         raise ValueError("every sample needs image tokens for saliency (a sample has none)")
 

@@ -186,9 +186,21 @@ def _without_video(cls):
     frames) into the family's video inputs instead, so the processor's own call expands the video
     placeholders and builds mm_token_type_ids as usual."""
 
+    import inspect
+
+    accepted = set(inspect.signature(cls.__init__).parameters)
+
     class Offline(cls):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+        # every option a family's processor saves is named here: transformers reloads a processor's
+        # options by the names its __init__ declares
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_image_tokens=None,
+                     vision_feature_select_strategy=None, vision_aspect_ratio=None, image_seq_length=None,
+                     **kwargs):
+            options = dict(num_image_tokens=num_image_tokens, vision_aspect_ratio=vision_aspect_ratio,
+                           vision_feature_select_strategy=vision_feature_select_strategy,
+                           image_seq_length=image_seq_length, **kwargs)
+            options = {k: v for k, v in options.items() if v is not None and k in accepted}
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **options)
             if cls.__name__ in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "LlavaOnevisionProcessor"):
                 self.video_processor = FrameVideoProcessor(self)
 

@@ -1,17 +1,26 @@
-"""Generate an answer for one image and prompt with a pruning method; print statistics."""
+"""Generate an answer for one prompt with images (one or several --image) and/or a video (--video
+FRAME ...) under a pruning method; print statistics."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 
 def add_arguments(parser):
     from himap.cli.common import add_method_arguments, add_model_arguments
 
     add_model_arguments(parser, default=None)
-    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--image", action="append", default=[], metavar="FILE",
+                        help="image file; repeat for several images (they come first, in order)")
+    parser.add_argument("--video", nargs="+", metavar="FRAME",
+                        help="a video as its frame image files, in order (families that take video)")
     parser.add_argument("--prompt", required=True, help="the question or instruction")
     add_method_arguments(parser)
+    from himap.prune.engine import QUOTAS
+
+    parser.add_argument("--quota", choices=QUOTAS, default="sample",
+                        help="share each stage's budget over all visual tokens (sample) or per image / frame")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--save-kept", metavar="PNG", help="draw the kept image patches of each stage")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -36,19 +45,28 @@ def main(args) -> int:
     from himap.cli.common import method_from_args
     from himap.models.loading import build_inputs, generate_ids, load_model
 
+    if not args.image and not args.video:
+        raise SystemExit("himap generate: give --image FILE (repeatable) and/or --video FRAME ...")
     model, processor = load_model(args.model, args.attn, args.dtype, args.device)
     schedule = method_from_args(args, model.config)
-    image = Image.open(args.image).convert("RGB")
-    inputs = build_inputs(processor, [image], [args.prompt], device=model.device)
-    with himap.pruned(model, schedule) as handle:
-        new = generate_ids(model, inputs, args.max_new_tokens)
+    images = [Image.open(p).convert("RGB") for p in args.image]
+    try:
+        inputs = build_inputs(processor, [images], [args.prompt], device=model.device,
+                              videos=[args.video] if args.video else None)
+        with himap.pruned(model, schedule, quota=args.quota) as handle:
+            new = generate_ids(model, inputs, args.max_new_tokens)
+    except ValueError as e:
+        print(f"himap generate: {e}", file=sys.stderr)
+        return 2
     answer = processor.tokenizer.decode(new[0], skip_special_tokens=True).strip()
     stats = handle.stats.to_dict()
     if args.save_kept and stats["kept_image_indices"]:
         from himap.analysis.overlay import kept_overlay
 
+        if len(images) != 1 or args.video:
+            raise SystemExit("himap generate: --save-kept draws one image's grid; give a single --image")
         n = stats["image_tokens_per_layer"][0][0]
-        kept_overlay(image, n, [k[0] for k in stats["kept_image_indices"]]).save(args.save_kept)
+        kept_overlay(images[0], n, [k[0] for k in stats["kept_image_indices"]]).save(args.save_kept)
     if args.json:
         print(json.dumps({"answer": answer, "method": schedule.name, "stats": stats}))
         return 0

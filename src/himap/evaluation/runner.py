@@ -410,9 +410,10 @@ def model_predictor(model, processor, schedule: Schedule, max_new_tokens: int):
 
     import himap
     from himap.models.loading import build_inputs, generate_ids
+    from himap.prune.adapters import visual_token_ids
     from himap.prune.tokens import token_sets
 
-    image_token_id = model.config.image_token_id
+    image_token_id = visual_token_ids(model)
     tokenizer = getattr(processor, "tokenizer", processor)
     eos = model.generation_config.eos_token_id
     stop = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))

@@ -43,7 +43,7 @@ def load_model(path_or_id: str, attn_implementation: str = "sdpa", dtype=None, d
     model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn_implementation,
                                                         dtype=dtype)
     model = model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"  # batched generation continues each row from its last token
     if tokenizer.pad_token is None:
@@ -53,32 +53,77 @@ def load_model(path_or_id: str, attn_implementation: str = "sdpa", dtype=None, d
     return model, processor
 
 
-def chat_text(processor, prompt: str, with_image: bool = True) -> str:
-    """The model's chat-template text for one user turn (image first, then the prompt)."""
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
+def load_processor(path: str):
+    """AutoProcessor.from_pretrained(path), or the offline processor himap saved there
+    (himap.builtin.offline_processor: a family's processor without a video processor)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoProcessor
+
+    config = Path(path) / "processor_config.json"
+    if config.is_file():
+        from himap.builtin.offline_processor import offline_processor_class
+
+        cls = offline_processor_class(json.loads(config.read_text()).get("processor_class", ""))
+        if cls is not None:
+            return cls.from_pretrained(path)
+    return AutoProcessor.from_pretrained(path)
+
+
+def chat_text(processor, prompt: str, with_image: bool = True, n_images: int | None = None,
+              video: bool = False) -> str:
+    """The model's chat-template text for one user turn: the images (`n_images`, default one when
+    `with_image`), then the video if any, then the prompt."""
+    n = (1 if with_image else 0) if n_images is None else n_images
+    content = [{"type": "image"}] * n + ([{"type": "video"}] if video else []) + [{"type": "text", "text": prompt}]
     if getattr(processor, "chat_template", None):
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    image = (getattr(processor, "image_token", "<image>") + "\n") if with_image else ""
+    if video:
+        raise ValueError("this processor has no chat template; cannot place a video in the prompt")
+    image = (getattr(processor, "image_token", "<image>") + "\n") * n
     return f"USER: {image}{prompt} ASSISTANT:"  # LLaVA-1.5 layout when no template is saved
 
 
-def build_inputs(processor, images, prompts: list[str], device="cpu", dtype=None) -> dict:
-    """Left-padded model inputs for a batch. `images`: PIL images (or paths), or None for a
-    text-only batch (no image tokens)."""
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw",
+                "mm_token_type_ids", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
+                "batch_num_images")
+"""Processor outputs handed to the model (LLaVA, LLaVA-NeXT/OneVision, Qwen2-VL/2.5-VL/3-VL, InternVL)."""
+
+
+def _rgb(im):
     from PIL import Image
 
-    texts = [chat_text(processor, p, with_image=images is not None) for p in prompts]
-    if images is None:
+    return Image.open(im).convert("RGB") if isinstance(im, (str, os.PathLike)) else im.convert("RGB")
+
+
+def build_inputs(processor, images, prompts: list[str], device="cpu", dtype=None, videos=None) -> dict:
+    """Left-padded model inputs for a batch through the processor's chat template.
+
+    `images`: per prompt one PIL image (or path) or a list of them (several images), or None for
+    a batch without images; `videos`: None or per prompt a list of frames (PIL images or paths),
+    for families that take video. Floating pixel inputs are cast to `dtype` when given.
+    """
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    if videos is not None and len(videos) != len(prompts):
+        raise ValueError(f"{len(videos)} videos for {len(prompts)} prompts")
+    per_prompt = [[] if im is None else [_rgb(x) for x in im] if isinstance(im, (list, tuple)) else [_rgb(im)]
+                  for im in (images if images is not None else [None] * len(prompts))]
+    clips = [[_rgb(f) for f in v] for v in videos] if videos is not None else None
+    texts = [chat_text(processor, p, n_images=len(ims), video=clips is not None)
+             for p, ims in zip(prompts, per_prompt)]
+    flat = [im for ims in per_prompt for im in ims]
+    if not flat and clips is None:
         batch = processor.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     else:
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-        images = [Image.open(im).convert("RGB") if isinstance(im, (str, os.PathLike)) else im.convert("RGB")
-                  for im in images]
-        batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    out = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
-    if "pixel_values" in out and dtype is not None:
-        out["pixel_values"] = out["pixel_values"].to(dtype)
+        if clips is not None and getattr(processor, "video_processor", None) is None:
+            raise ValueError(f"{type(processor).__name__} has no video processor: this model family takes no "
+                             "video (or transformers needs torchvision to build its video processor)")
+        batch = processor(images=flat or None, videos=clips, text=texts, return_tensors="pt", padding=True)
+    out = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS and hasattr(v, "to")}
+    if dtype is not None:
+        out = {k: v.to(dtype) if k.startswith("pixel_values") else v for k, v in out.items()}
     return out
 
 
@@ -86,8 +131,7 @@ def generate_ids(model, inputs: dict, max_new_tokens: int = 16, **generate_kwarg
     """Greedy decoding; returns only the new token ids [B, n]."""
     import torch
 
-    if "pixel_values" in inputs:
-        inputs = {**inputs, "pixel_values": inputs["pixel_values"].to(model.dtype)}
+    inputs = {k: v.to(model.dtype) if k.startswith("pixel_values") else v for k, v in inputs.items()}
     with torch.no_grad():  # not inference_mode: the gradient criterion needs autograd inside
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
     return out[:, inputs["input_ids"].shape[1]:]

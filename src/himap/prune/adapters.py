@@ -107,6 +107,15 @@ ADAPTERS = (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_VL, QWEN3_VL, INTERNVL, GE
 LLAMA_PARTS = ("embed_tokens", "layers", "rotary_emb", "norm")
 
 
+def visual_token_ids(model) -> tuple[int, ...]:
+    """Every token id that marks V in `model`'s prompts (its family's image and video ids; a model
+    of another family: its config's image_token_id)."""
+    try:
+        return find_adapter(model).visual_token_ids(model)
+    except TypeError:
+        return _IMAGE(model)
+
+
 def supported_classes() -> list[str]:
     return [c for a in ADAPTERS if a.refuse is None for c in a.classes]
 
