@@ -128,6 +128,8 @@ def format_table(result: dict) -> str:
             f" {f(r['prefill_tflops']):>10} {r['prefill_ratio']:>6.1%} {f(r['prefill_with_vision_tflops']):>10}"
             f" {r['prefill_with_vision_ratio']:>6.1%} {f(r['total_tflops']):>9} {r['total_ratio']:>6.1%}"
             f" {r['kv_cache_bytes'] / 2 ** 20:>8.1f}")
+    if a.get("note"):
+        lines.append(f"visual tokens: {a['note']}")
     lines.append(f"paper {unit}: eq. (10), image tokens only, multiply-accumulates (the paper's tables truncate "
                  f"to 2 decimals); prefill/total: every token, 2 FLOPs per MAC, ranking included; total adds "
                  f"the decode steps, LM head and vision tower.")

@@ -63,18 +63,19 @@ class BenchConfig:
 # ----------------------------------------------------------------------------- model and inputs
 
 def random_model(arch, device: str = "cpu", dtype=None, attn_implementation: str = "sdpa", seed: int = 0):
-    """A LlavaForConditionalGeneration of `arch`'s size with random weights, built on `device`."""
+    """A model of `arch`'s family and size with random weights, built on `device`; `model._himap_arch`
+    keeps `arch` (its visual token count and tower) for the synthetic inputs and the cost model."""
     import torch
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     from himap.models.loading import _dtype
 
     torch.manual_seed(seed)
     dtype = _dtype(dtype) or torch.float32
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(arch.to_llava_config(attn_implementation),
-                                                           dtype=dtype)
+        model = AutoModelForImageTextToText.from_config(arch.to_config(attn_implementation), dtype=dtype)
     model.eval()
+    model._himap_arch = arch
     disable_eos(model)
     return model
 
@@ -97,7 +98,9 @@ def synthetic_inputs(model, n_system: int, n_instruction: int, batch_size: int =
     from himap.cost.flops import Arch
     from himap.prune.adapters import find_adapter
 
-    arch = Arch.from_config(model.config)
+    arch = getattr(model, "_himap_arch", None) or Arch.from_config(model.config)
+    if arch.family != "llava":
+        return _family_inputs(model, arch, n_system, n_instruction, batch_size, seed)
     if arch.vision is None or arch.image_tokens <= 0:
         raise ValueError("synthetic inputs need a model with a fixed-size vision tower (LLaVA-1.5 style)")
     if n_system < 1:
@@ -118,6 +121,43 @@ def synthetic_inputs(model, n_system: int, n_instruction: int, batch_size: int =
     device, dtype = model.device, next(model.parameters()).dtype
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
             "pixel_values": pixels.to(device=device, dtype=dtype)}
+
+
+def _family_inputs(model, arch, n_system: int, n_instruction: int, batch_size: int, seed: int) -> dict:
+    """Synthetic inputs of a square image of `arch.vision.image_size` pixels (Qwen2.5-VL) or of twice
+    the tile size (LLaVA-NeXT: base + 2 x 2 crops) with exactly `arch.image_tokens` visual tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    v, n = arch.vision, arch.image_tokens
+    image_id = arch.image_token_id
+    text = lambda k: torch.randint(3, min(arch.vocab, image_id), (batch_size, k), generator=g)  # noqa: E731
+    first = torch.ones((batch_size, 1), dtype=torch.long)  # BOS
+    if arch.family == "qwen2_5_vl":
+        side = v.image_size // v.patch_size  # patches per side
+        if (side // v.merge) ** 2 != n:
+            raise ValueError(f"architecture {arch.name!r}: {n} visual tokens but a {v.image_size} px image gives "
+                             f"{(side // v.merge) ** 2}")
+        start, end = torch.full((batch_size, 1), image_id + 2), torch.full((batch_size, 1), image_id + 3)
+        ids = torch.cat([first, text(n_system - 2), start, torch.full((batch_size, n), image_id), end,
+                         text(n_instruction - 1)], dim=1)
+        types = (ids == image_id).long()
+        pixels = torch.randn((batch_size * side * side, v.channels * 2 * v.patch_size ** 2), generator=g)
+        extra = {"image_grid_thw": torch.tensor([[1, side, side]] * batch_size), "mm_token_type_ids": types}
+    elif arch.family == "llava_next":
+        g_side = v.image_size // v.patch_size
+        count = g_side ** 2 + (2 * g_side) ** 2 + 2 * g_side  # base + unpadded 2x2 crops + row newlines
+        if count != n:
+            raise ValueError(f"architecture {arch.name!r}: {n} visual tokens but a {2 * v.image_size} px image "
+                             f"gives {count}")
+        ids = torch.cat([first, text(n_system - 1), torch.full((batch_size, n), image_id), text(n_instruction)], 1)
+        pixels = torch.randn((batch_size, 5, v.channels, v.image_size, v.image_size), generator=g)
+        extra = {"image_sizes": torch.tensor([[2 * v.image_size, 2 * v.image_size]] * batch_size)}
+    else:
+        raise ValueError(f"no synthetic inputs for the {arch.family} family")
+    device, dtype = model.device, next(model.parameters()).dtype
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "pixel_values": pixels.to(device=device, dtype=dtype), **{k: t.to(device) for k, t in extra.items()}}
 
 
 # ----------------------------------------------------------------------------- one run
@@ -280,7 +320,7 @@ def run_benchmark(model, config: BenchConfig, jsonl_path: str | None = None, pro
     names = [s.name for s in schedules]
     if len(set(names)) != len(names):
         raise ValueError(f"method names must be distinct, got {names}")
-    arch = Arch.from_config(model.config, name=arch_name or type(model).__name__)
+    arch = getattr(model, "_himap_arch", None) or Arch.from_config(model.config, name=arch_name or type(model).__name__)
     for s in schedules:
         s.validate_for(arch.num_layers)
     inputs = synthetic_inputs(model, config.n_system, config.n_instruction, config.batch_size, config.seed)

@@ -45,6 +45,10 @@ class VisionArch:
     num_layers: int  # encoder layers; HF LLaVA runs all of them and reads layer -2
     num_heads: int  # attention heads (only needed to build a config)
     channels: int = 3  # input channels of the patch embedding
+    tiles: int = 1  # tower passes per image (LLaVA-NeXT anyres: base image + 4 crops = 5)
+    merge: int = 1  # patches merged into one visual token per side (Qwen2.5-VL: 2, so 4 patches a token)
+    cls_token: bool = True  # the tower adds a CLS token (CLIP); Qwen's ViT does not
+    gated_mlp: bool = False  # three-matrix (SwiGLU) MLP (Qwen2.5-VL's ViT) instead of two
 
     @property
     def num_patches(self) -> int:
@@ -67,6 +71,8 @@ class Arch:
     vision: VisionArch | None = None  # vision tower; None when unknown (vision FLOPs then omitted)
     projector_layers: int = 2  # LLaVA-1.5 "mlp2x_gelu": vision_hidden -> d -> d
     image_token_id: int = 32000  # token id of an image position (LLaVA-1.5 HF checkpoints: 32000)
+    family: str = "llava"  # model family (FAMILY_BUILDERS): which config class random weights are built from
+    note: str = ""  # how image_tokens was counted (resolution, tiles), shown by `himap flops`
 
     def __post_init__(self):
         if not self.head_dim:
@@ -102,6 +108,17 @@ class Arch:
         cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=self.image_token_id,
                           vision_feature_layer=-2, vision_feature_select_strategy="default",
                           projector_hidden_act="gelu", image_seq_length=self.image_tokens)
+        cfg._attn_implementation = attn_implementation
+        return cfg
+
+    def to_config(self, attn_implementation: str = "sdpa"):
+        """A transformers config of this size and family (random weights can be built from it)."""
+        if self.family == "llava":
+            return self.to_llava_config(attn_implementation)
+        if self.family not in FAMILY_BUILDERS:
+            raise ValueError(f"architecture {self.name!r}: random weights are built for the families "
+                             f"llava, {', '.join(FAMILY_BUILDERS)}; not {self.family!r}")
+        cfg = FAMILY_BUILDERS[self.family](self)
         cfg._attn_implementation = attn_implementation
         return cfg
 
@@ -148,6 +165,62 @@ def _side(value) -> int:
 CLIP_L_336 = VisionArch(image_size=336, patch_size=14, hidden=1024, intermediate=4096, num_layers=24, num_heads=16)
 """CLIP ViT-L/14 at 336 px, LLaVA-1.5's tower: 24 x 24 = 576 patches."""
 
+CLIP_L_336_ANYRES = VisionArch(image_size=336, patch_size=14, hidden=1024, intermediate=4096, num_layers=24,
+                               num_heads=16, tiles=5)
+"""LLaVA-NeXT's CLIP ViT-L/14-336 run on the base image and four crops (a 672 px image)."""
+
+
+def _llama_text(arch: Arch, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=arch.vocab, hidden_size=arch.hidden, intermediate_size=arch.intermediate,
+                       num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
+                       num_key_value_heads=arch.num_kv_heads, head_dim=arch.d_head, max_position_embeddings=8192,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, **extra)
+
+
+def _llava_next_config(arch: Arch):
+    """LlavaNextConfig: CLIP tower of `arch.vision`, anyres grid of 1x2, 2x1 and 2x2 tiles."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig
+
+    v, s = arch.vision, arch.vision.image_size
+    vision = CLIPVisionConfig(hidden_size=v.hidden, intermediate_size=v.intermediate, num_hidden_layers=v.num_layers,
+                              num_attention_heads=v.num_heads, image_size=s, patch_size=v.patch_size,
+                              projection_dim=v.hidden)
+    return LlavaNextConfig(vision_config=vision, text_config=_llama_text(arch), image_token_index=arch.image_token_id,
+                           image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+                           vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def _qwen2_5_vl_config(arch: Arch):
+    """Qwen2_5_VLConfig: ViT of `arch.vision` (merge 2, temporal patch 2), M-RoPE decoder."""
+    from transformers import Qwen2_5_VLConfig
+
+    v, hd = arch.vision, arch.d_head
+    hw = (hd // 2) * 3 // 8  # Qwen2.5-VL's split of the rotary half: [16, 24, 24] for head_dim 128
+    text = dict(vocab_size=arch.vocab, hidden_size=arch.hidden, intermediate_size=arch.intermediate,
+                num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
+                num_key_value_heads=arch.num_kv_heads, max_position_embeddings=32768, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                 "mrope_section": [hd // 2 - 2 * hw, hw, hw]})
+    vision = dict(depth=v.num_layers, hidden_size=v.hidden, out_hidden_size=arch.hidden,
+                  intermediate_size=v.intermediate, num_heads=v.num_heads, patch_size=v.patch_size,
+                  spatial_merge_size=v.merge, temporal_patch_size=2, window_size=8 * v.patch_size,
+                  fullatt_block_indexes=[v.num_layers - 1])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=arch.image_token_id,
+                            video_token_id=arch.image_token_id + 1, vision_start_token_id=arch.image_token_id + 2,
+                            vision_end_token_id=arch.image_token_id + 3)
+
+
+FAMILY_BUILDERS = {"llava_next": _llava_next_config, "qwen2_5_vl": _qwen2_5_vl_config}
+"""Config builders of the families `himap bench --arch ... --random-weights` can instantiate."""
+
+QWEN25_VIT = dict(patch_size=14, hidden=1280, intermediate=3420, num_layers=32, num_heads=16, merge=2,
+                  cls_token=False, gated_mlp=True)
+"""Qwen2.5-VL's ViT (675M): 14 px patches, 2x2 merge, SwiGLU MLP."""
+
 ARCHS: dict[str, Arch] = {
     "llava-1.5-7b": Arch("llava-1.5-7b", hidden=4096, intermediate=11008, num_layers=32, num_heads=32,
                          num_kv_heads=32, vocab=32064, image_tokens=576, vision=CLIP_L_336),
@@ -159,8 +232,40 @@ ARCHS: dict[str, Arch] = {
                            num_kv_heads=16, vocab=32064, image_tokens=576,
                            vision=VisionArch(image_size=336, patch_size=14, hidden=256, intermediate=1024,
                                              num_layers=4, num_heads=4)),
+    "llava-next-7b": Arch("llava-next-7b", hidden=4096, intermediate=11008, num_layers=32, num_heads=32,
+                          num_kv_heads=32, vocab=32064, image_tokens=2880, vision=CLIP_L_336_ANYRES,
+                          family="llava_next",
+                          note="2,880 image tokens = 5 x 576 (base image + 4 crops of a 672 px image; the HF "
+                               "model adds 48 row-newline tokens to the crops: 2,928)"),
+    "qwen2.5-vl-7b": Arch("qwen2.5-vl-7b", hidden=3584, intermediate=18944, num_layers=28, num_heads=28,
+                          num_kv_heads=4, vocab=152064, image_tokens=1024, family="qwen2_5_vl",
+                          image_token_id=151655,
+                          vision=VisionArch(image_size=896, **QWEN25_VIT),
+                          note="a 896 x 896 image: 64 x 64 patches of 14 px, merged 2 x 2 into 1,024 tokens"),
+    "llava-onevision-7b": Arch("llava-onevision-7b", hidden=3584, intermediate=18944, num_layers=28, num_heads=28,
+                               num_kv_heads=4, vocab=152128, image_tokens=3699, family="llava_onevision",
+                               image_token_id=151646,
+                               vision=VisionArch(image_size=384, patch_size=14, hidden=1152, intermediate=4304,
+                                                 num_layers=26, num_heads=16, tiles=5, cls_token=False),
+                               note="a 768 x 768 image: base 27 x 27 = 729 tokens + 2 x 2 crops 54 x 54 = 2,916 "
+                                    "+ 54 row newlines (anyres_max_9)"),
+    # Scaled-down decoders for CPU benchmarks with the real visual token counts' order (>= 2,000):
+    # a 512-wide 16-layer decoder, tiny towers.
+    "llava-next-cpu": Arch("llava-next-cpu", hidden=512, intermediate=1408, num_layers=16, num_heads=8,
+                           num_kv_heads=8, vocab=32064, image_tokens=2928, family="llava_next",
+                           vision=VisionArch(image_size=336, patch_size=14, hidden=64, intermediate=128,
+                                             num_layers=2, num_heads=2, tiles=5),
+                           note="a 672 x 672 image: 576 base + 48 x 48 crop tokens + 48 newlines"),
+    "qwen2.5-vl-cpu": Arch("qwen2.5-vl-cpu", hidden=512, intermediate=1408, num_layers=16, num_heads=8,
+                           num_kv_heads=2, vocab=32064, image_tokens=2304, family="qwen2_5_vl",
+                           image_token_id=32000,
+                           vision=VisionArch(image_size=1344, patch_size=14, hidden=64, intermediate=128,
+                                             num_layers=2, num_heads=2, merge=2, cls_token=False,
+                                             gated_mlp=True),
+                           note="a 1344 x 1344 image: 96 x 96 patches merged 2 x 2 into 2,304 tokens"),
 }
-"""Architecture presets (public config values; no weights needed)."""
+"""Architecture presets (public config values; no weights needed). `note` says how the visual
+token count was reached."""
 
 
 def get_arch(name: str) -> Arch:
@@ -278,16 +383,24 @@ def ranking_flops(arch: Arch, schedule: Schedule, shape: PromptShape) -> int:
 
 
 def vision_flops(arch: Arch) -> int:
-    """FLOPs of one image through the ViT tower (patch conv, every encoder layer on patches + CLS,
-    dense attention) and the LLaVA projector (vision_hidden -> d -> d on the image tokens)."""
+    """FLOPs of one image through the ViT tower (patch conv, every encoder layer on patches (+ CLS),
+    dense attention over each tile) and the projector: LLaVA's MLP (vision_hidden -> d -> d on the
+    image tokens) or Qwen's merger (merge^2 patches -> one token: 2-layer MLP then d).
+    `tiles` tower passes per image (LLaVA-NeXT); Qwen2.5-VL's windowed blocks are counted as full
+    attention over the image (an upper bound: most of its blocks attend within 112-pixel windows)."""
     v = arch.vision
     if v is None:
         return 0
-    t = v.num_patches + 1
+    t = v.num_patches + (1 if v.cls_token else 0)
+    mlp = (3 if v.gated_mlp else 2) * v.hidden * v.intermediate
     patch = 2 * v.num_patches * v.hidden * v.channels * v.patch_size ** 2
-    layer = 2 * t * (4 * v.hidden ** 2 + 2 * v.hidden * v.intermediate) + 4 * t * t * v.hidden
-    proj = 2 * arch.image_tokens * (v.hidden * arch.hidden + (arch.projector_layers - 1) * arch.hidden ** 2)
-    return patch + v.num_layers * layer + proj
+    layer = 2 * t * (4 * v.hidden ** 2 + mlp) + 4 * t * t * v.hidden
+    if v.merge > 1:
+        wide = v.hidden * v.merge ** 2
+        proj = 2 * (v.num_patches // v.merge ** 2) * (wide * wide + wide * arch.hidden)
+    else:
+        proj = 2 * arch.image_tokens * (v.hidden * arch.hidden + (arch.projector_layers - 1) * arch.hidden ** 2)
+    return v.tiles * (patch + v.num_layers * layer) + proj
 
 
 @dataclass

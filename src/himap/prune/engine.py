@@ -240,7 +240,7 @@ def reduced_attention(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor
     row_idx = rows.any(dim=0).nonzero().squeeze(1)  # [r] union of asked rows over the batch
     if row_idx.numel() == 0:
         return out
-    keys_t = key.float().transpose(-1, -2)  # [B, Hkv, D, T]
+    keys_t = key.float().transpose(-1, -2).contiguous()  # [B, Hkv, D, T], once for every chunk
     key_pos = torch.arange(n_keys, device=query.device)
     cols = columns.float() if columns is not None else None
     step = chunk_rows(b, hq, n_keys, budget_bytes)
