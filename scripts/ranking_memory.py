@@ -66,9 +66,11 @@ def main() -> None:
     t = args.visual + args.text
     budget = int(args.budget_mib * 2 ** 20)
     c = chunk_rows(1, args.heads, t, budget)
-    # one chunk: fp32 logits and probabilities [Hq, c, T], the chunk's queries, the head mean and
-    # its masked copy [c, T], the causal mask [c, T] (bool), and the [T] result
-    bound = 2 * 4 * args.heads * c * t + 4 * args.heads * c * args.head_dim + 2 * 4 * c * t + c * t + 4 * t
+    # one chunk: two fp32 [Hq, c, T] buffers (mask-and-logits accumulator, then probabilities), the
+    # chunk's queries [Hq, c, D], its mask [c, T] as bool and as an fp32 bias; once: the keys' fp32
+    # transposed copy [Hkv, D, T], the row weights and the result [T]
+    bound = (2 * 4 * args.heads * c * t + 4 * args.heads * c * args.head_dim + 5 * c * t
+             + 4 * args.kv_heads * args.head_dim * t + 2 * 4 * t)
     out = {"tokens": t, "visual": args.visual, "heads": args.heads, "kv_heads": args.kv_heads,
            "head_dim": args.head_dim, "budget_bytes": budget, "chunk_rows": c, "stated_bound_bytes": bound}
     for mode in ("chunked", "dense") if args.dense else ("chunked",):

@@ -72,12 +72,14 @@ def test_full_cost_by_hand():
     # per token: 2 * (q,o: 2*4*4 + k,v: 2*4*2 + mlp: 3*4*6) = 2 * 120
     assert c.prefill_linear == 240 * 17
     assert c.prefill_attention == 4 * (49 + 25 + 25) * 2 * 2  # dense QK^T + AV
-    assert c.ranking == 2 * 1 * 7 * 2 * 2  # one query row (last token) against layer 0's 7 keys
+    # one query row (the last token) against layer 0's 7 keys: QK^T over 2 heads of 2, then the
+    # head-mean column sum as a matrix-vector product over the 2 heads' row
+    assert c.ranking == 2 * 1 * 7 * 2 * 2 + 2 * 1 * 7 * 2
     assert c.lm_head_prefill == 2 * 4 * 10 and c.lm_head_decode == 2 * 2 * 4 * 10
     assert c.decode_linear == 2 * 3 * 240
     assert c.decode_attention == 16 * ((8 + 9) + 2 * (6 + 7))  # steps see cache + 1, cache + 2 keys
     assert c.kv_cache_bytes == 17 * 2 * 1 * 2 * 2 and c.kv_cache_bytes_final == (17 + 6) * 8
-    assert c.decoder == 4080 + 1584 + 56 + 80 + 1440 + 688 + 160
+    assert c.decoder == 4080 + 1584 + 84 + 80 + 1440 + 688 + 160
     causal = full_cost(TOY, sched, PromptShape(n_system=1, n_instruction=2, new_tokens=3), attention="causal")
     assert causal.prefill_attention == 16 * (28 + 15 + 15)  # T(T+1)/2 pairs
 
@@ -86,8 +88,10 @@ def test_ranking_rows_per_criterion():
     shape = PromptShape(n_system=3, n_instruction=5, new_tokens=1)
     hd = TOY.num_heads * TOY.d_head
     sh = full_cost(TOY, Schedule((Stage(1, 0.5, "phi_sh"), Stage(2, 0.5, "phi_dp"))), shape)
-    # phi_sh: 5 instruction rows x 12 keys at layer 0; phi_dp: 2 image rows x 10 keys at layer 1
-    assert sh.ranking == 2 * hd * (5 * 12 + 2 * 10)
+    # phi_sh: 5 instruction rows (positions 7-11) x 12 keys at layer 0; phi_dp: the 2 image rows
+    # (positions 3-4) at layer 1 see only keys 0-4 (causal: the chunk's keys stop at its last row);
+    # each QK^T row costs 2 x heads x d_head per key and the reduction 2 x heads per key
+    assert sh.ranking == 2 * (hd + TOY.num_heads) * (5 * 12 + 2 * 5)
     assert full_cost(TOY, Schedule((Stage(1, 0.5, "random"),)), shape).ranking == 0
 
 

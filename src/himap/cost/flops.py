@@ -370,15 +370,30 @@ RANKING_ROWS = {"phi_sh": "instruction", "phi_dp": "image", "phi_dp_row": "image
 
 
 def ranking_flops(arch: Arch, schedule: Schedule, shape: PromptShape) -> int:
-    """FLOPs of the rankings: each stage recomputes QK^T for its query rows against every key of
-    layer K-1 (SPEC section 2: only the needed rows, softmax and head mean are elementwise).
-    The `gradient` criterion's backward pass is not modelled (counted as 0)."""
+    """FLOPs of the rankings at layer K-1 (SPEC section 2: only the needed rows; softmax and masks
+    are elementwise and not counted), for one example as the engine computes them:
+    `reduced_attention` takes the rows in chunks (`chunk_rows` at batch 1), each chunk's QK^T
+    against the keys up to its last row (causal) and one matrix-vector product over its heads and
+    rows (the head mean and the column or row sum); a criterion without a reduction computes its
+    rows against every key. The `gradient` criterion's backward pass is not modelled (0)."""
+    from himap.prune import criteria
+    from himap.prune.engine import ROW_CHUNK_BYTES, chunk_rows
+
     tokens, images = layer_tokens(schedule, shape, arch)
-    total = 0
+    heads, total = arch.num_heads, 0
     for stage in schedule.stages:
-        rows = {"instruction": shape.n_instruction, "image": images[stage.k - 1], "last": 1,
-                None: 0}[RANKING_ROWS[stage.criterion]]
-        total += 2 * rows * tokens[stage.k - 1] * arch.num_heads * arch.d_head
+        t, n = tokens[stage.k - 1], images[stage.k - 1]
+        first = {"instruction": t - shape.n_instruction, "image": shape.n_system, "last": t - 1,
+                 None: 0}[RANKING_ROWS[stage.criterion]]
+        count = {"instruction": shape.n_instruction, "image": n, "last": 1, None: 0}[RANKING_ROWS[stage.criterion]]
+        if stage.criterion not in criteria.REDUCTIONS:
+            total += 2 * count * t * heads * arch.d_head
+            continue
+        step = chunk_rows(1, heads, t, ROW_CHUNK_BYTES)
+        for start in range(first, first + count, step):
+            rows = min(step, first + count - start)
+            keys = start + rows  # the chunk's last row + 1
+            total += 2 * rows * keys * heads * (arch.d_head + 1)  # QK^T, then the reduction
     return total
 
 

@@ -46,7 +46,7 @@ _WRAPPER_PREFIX = "himap_"
 SUPPORTED_TRANSFORMERS = ("5.23", "5.24")
 """The transformers releases (major.minor) the test suite ran on; pyproject.toml admits exactly these."""
 CACHE_KEYWORDS = ("cache", "past_key_values")  # the cache's keyword: 5.24 renamed past_key_values
-ROW_CHUNK_BYTES = 64 * 2 ** 20
+ROW_CHUNK_BYTES = 16 * 2 ** 20
 """Default budget of one chunk of ranking rows: the fp32 logits and probabilities of the query rows
 computed at once ([B, Hq, c, T] each), so the ranking's extra memory stays bounded however many
 visual tokens a prompt has (see `reduced_attention`)."""
@@ -229,38 +229,47 @@ def reduced_attention(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor
     - reduce="row": out[b, i] = sum over `columns` j of A(i, j) for each asked row i, 0 elsewhere
       (phi_dp_row).
 
-    Memory: besides the [B, T] result, one chunk of c rows holds fp32 logits and probabilities
-    [B, Hq, c, T] (c from `chunk_rows`, so at most `budget_bytes`, or one row if a single row is
-    larger), the chunk's queries [B, Hq, c, D] and, for a model that does not run in fp32, an fp32
-    copy of the keys [B, Hkv, T, D].
+    Memory: besides the [B, T] result, one chunk of c rows holds two fp32 buffers of [B, Hq, c, T]
+    at a time (the mask-and-logits accumulator, then the probabilities; c from `chunk_rows`, so at
+    most `budget_bytes`, or one row if a single row is larger), the chunk's queries [B, Hq, c, D]
+    and an fp32 transposed copy of the keys [B, Hkv, D, T]. Under causal attention a chunk's rows
+    see no key after its last row, so the keys are cut there (exact, and about half the work for
+    rows spread over the prompt).
     """
     b, hq, t, d = query.shape
     hkv, n_keys = key.shape[1], key.shape[2]
+    g = hq // hkv
     out = query.new_zeros((b, n_keys), dtype=torch.float32)
-    row_idx = rows.any(dim=0).nonzero().squeeze(1)  # [r] union of asked rows over the batch
+    row_idx = rows.any(dim=0).nonzero().squeeze(1)  # [r] union of asked rows over the batch, ascending
     if row_idx.numel() == 0:
         return out
+    if reduce not in ("column", "row"):
+        raise ValueError(f"unknown reduction {reduce!r}")
     keys_t = key.float().transpose(-1, -2).contiguous()  # [B, Hkv, D, T], once for every chunk
     key_pos = torch.arange(n_keys, device=query.device)
-    cols = columns.float() if columns is not None else None
+    weights = rows.float() / hq  # [B, T]: the head mean, and 0 for rows a sample did not ask
+    blocked = torch.finfo(torch.float32).min
     step = chunk_rows(b, hq, n_keys, budget_bytes)
     for start in range(0, row_idx.numel(), step):
         idx = row_idx[start:start + step]  # [c]
         c = idx.numel()
-        # GQA without repeat_kv: query head h uses key head h // (Hq / Hkv)
-        q = query[:, :, idx].float().reshape(b, hkv, (hq // hkv) * c, d)  # [B, Hkv, g*c, D]
-        logits = torch.matmul(q, keys_t).view(b, hq, c, n_keys).mul_(scaling)  # [B, Hq, c, T]
-        blocked = ~((key_pos[None, :] <= idx[:, None])[None] & key_valid[:, None, :])  # [B, c, T]
-        logits.masked_fill_(blocked[:, None], torch.finfo(torch.float32).min)
-        probs = torch.softmax(logits, dim=-1)  # [B, Hq, c, T]
-        del logits
-        probs = probs.mean(dim=1) * rows[:, idx, None]  # [B, c, T] head mean; rows a sample did not ask: 0
+        kmax = int(idx[-1]) + 1  # causal: no row of the chunk sees a key after the chunk's last row
+        allowed = (key_pos[None, :kmax] <= idx[:, None])[None] & key_valid[:, None, :kmax]  # [B, c, k]
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=query.device).masked_fill_(~allowed, blocked)
+        # the mask rides in the GEMM's accumulator: logits = bias + scaling * q k^T, one pass
+        bias = bias[:, None, None].expand(b, hkv, g, c, kmax).reshape(b * hkv, g * c, kmax)
+        # GQA without repeat_kv: query head h uses key head h // g
+        q = query[:, :, idx].float().reshape(b * hkv, g * c, d)  # [B*Hkv, g*c, D]
+        logits = torch.baddbmm(bias, q, keys_t[..., :kmax].reshape(b * hkv, d, kmax), alpha=scaling)
+        probs = torch.softmax(logits, dim=-1).view(b, hq * c, kmax)  # [B, Hq*c, k], heads major
+        del logits, bias
+        w = weights[:, idx]  # [B, c]
         if reduce == "column":
-            out += probs.sum(dim=1)
-        elif reduce == "row":
-            out[:, idx] = (probs * cols[:, None, :]).sum(dim=-1)
+            w_heads = w[:, None, :].expand(b, hq, c).reshape(b, 1, hq * c)
+            out[:, :kmax] += torch.bmm(w_heads, probs).squeeze(1)
         else:
-            raise ValueError(f"unknown reduction {reduce!r}")
+            cols = columns[:, :kmax, None].float()  # [B, k, 1]
+            out[:, idx] = torch.bmm(probs, cols).view(b, hq, c).sum(dim=1) * w
         del probs
     return out
 
