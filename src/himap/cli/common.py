@@ -123,3 +123,25 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = "
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                         help="weights dtype (default: fp32 on CPU, the checkpoint's on GPU)")
+
+
+PROMPT_FORMAT_HELP = ("prompt format: 'hf' the checkpoint's own chat template (no system prompt); 'llava-v1' "
+                      "LLaVA's vicuna_v1 conversation with its system prompt, as the official HiMAP scripts "
+                      "build it (docs/official-code.md)")
+
+
+def add_prompt_format_argument(parser: argparse.ArgumentParser, default: str | None = "hf",
+                               default_note: str | None = None) -> None:
+    """--prompt-format hf|llava-v1 (himap.models.loading.PROMPT_FORMATS)."""
+    from himap.models.loading import PROMPT_FORMATS
+
+    note = default_note or f"default: {default}"
+    parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=default,
+                        help=f"{PROMPT_FORMAT_HELP}; {note}")
+
+
+def add_no_cache_argument(parser: argparse.ArgumentParser) -> None:
+    """--no-cache: generate as the official code (use_cache=False, re-ranking at every token)."""
+    parser.add_argument("--no-cache", action="store_true",
+                        help="generate as the official HiMAP code: no KV cache, every new token re-runs the "
+                             "whole sequence and ranks again (generated tokens join phi_sh's instruction rows)")

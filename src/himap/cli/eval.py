@@ -30,9 +30,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--method", default="vanilla,default",
                         help="comma-separated presets, ablation names (uniform@himap, ...) or groups "
                         "(all@himap); 'default' is the task's default method")
-    from himap.cli.common import add_override_arguments
+    from himap.cli.common import add_no_cache_argument, add_override_arguments, add_prompt_format_argument
 
     add_override_arguments(parser)
+    add_prompt_format_argument(parser)
+    add_no_cache_argument(parser)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
     parser.add_argument("--batch-size", type=int, default=1, help="items per generate call")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
@@ -79,10 +81,11 @@ def main(args) -> int:
                          image_dir=args.image_dir, batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens, out=args.out, model=args.model,
                          overwrite=args.overwrite, rank=rank, world_size=world,
-                         merge_timeout_s=args.merge_timeout, progress=not args.no_progress)
+                         merge_timeout_s=args.merge_timeout, progress=not args.no_progress,
+                         prompt_format=args.prompt_format, no_cache=args.no_cache)
         predictor = None if args.merge else LazyPredictor(
             args.model, pick_device(args.device, rank, world), args.dtype, args.attn_implementation,
-            args.max_new_tokens)
+            args.max_new_tokens, prompt_format=args.prompt_format, no_cache=args.no_cache)
         score_kwargs = {"tokenizer": args.tokenizer, "judge_base_url": args.judge_base_url,
                         "judge_model": args.judge_model, "judge_api_key_env": args.judge_api_key_env,
                         "judge_cache": os.path.join(args.out, f"{task.NAME}.judge_cache.jsonl")}

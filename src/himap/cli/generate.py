@@ -8,7 +8,12 @@ import sys
 
 
 def add_arguments(parser):
-    from himap.cli.common import add_method_arguments, add_model_arguments
+    from himap.cli.common import (
+        add_method_arguments,
+        add_model_arguments,
+        add_no_cache_argument,
+        add_prompt_format_argument,
+    )
 
     add_model_arguments(parser, default=None)
     parser.add_argument("--image", action="append", default=[], metavar="FILE",
@@ -16,12 +21,14 @@ def add_arguments(parser):
     parser.add_argument("--video", nargs="+", metavar="FRAME",
                         help="a video as its frame image files, in order (families that take video)")
     parser.add_argument("--prompt", required=True, help="the question or instruction")
+    add_prompt_format_argument(parser)
     add_method_arguments(parser)
     from himap.prune.engine import QUOTAS
 
     parser.add_argument("--quota", choices=QUOTAS, default="sample",
                         help="share each stage's budget over all visual tokens (sample) or per image / frame")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    add_no_cache_argument(parser)
     parser.add_argument("--save-kept", metavar="PNG", help="draw the kept image patches of each stage")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -52,9 +59,9 @@ def main(args) -> int:
     images = [Image.open(p).convert("RGB") for p in args.image]
     try:
         inputs = build_inputs(processor, [images], [args.prompt], device=model.device,
-                              videos=[args.video] if args.video else None)
+                              videos=[args.video] if args.video else None, prompt_format=args.prompt_format)
         with himap.pruned(model, schedule, quota=args.quota) as handle:
-            new = generate_ids(model, inputs, args.max_new_tokens)
+            new = generate_ids(model, inputs, args.max_new_tokens, recompute=args.no_cache)
     except ValueError as e:
         print(f"himap generate: {e}", file=sys.stderr)
         return 2
@@ -73,6 +80,8 @@ def main(args) -> int:
     print(answer)
     print(f"\nmethod: {schedule.name}  stages: " + (", ".join(
         f"(K={s.k}, R={s.ratio:g}, {s.criterion})" for s in schedule.stages) or "none"))
+    if args.no_cache:
+        print("no KV cache: every token re-ran the whole sequence; the statistics are the last step's")
     print(f"tokens entering each layer: {_runs(stats['tokens_per_layer'][0])}")
     print(f"image tokens per layer:     {_runs(stats['image_tokens_per_layer'][0])}")
     print(f"KV cache length per layer:  {_runs(stats['kv_cache_lengths'])}")

@@ -27,6 +27,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
     parser.add_argument("--device", default=None, help="cpu, cuda or auto")
     parser.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"))
+    from himap.cli.common import add_prompt_format_argument
+
+    add_prompt_format_argument(parser, default=None, default_note="default: the config's prompt_format (hf)")
     parser.add_argument("--no-plot", action="store_true", help="skip pareto.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--dry-run", action="store_true", help="print the planned schedules and their TFLOPs; run nothing")
@@ -40,7 +43,8 @@ def apply_overrides(cfg, args):
 
     changes = {k: v for k, v in (("model", args.model), ("limit", args.limit), ("out", args.out),
                                  ("batch_size", args.batch_size), ("device", args.device),
-                                 ("dtype", args.dtype)) if v is not None}
+                                 ("dtype", args.dtype), ("prompt_format", getattr(args, "prompt_format", None)))
+               if v is not None}
     if args.methods:
         changes["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.tasks:
@@ -104,7 +108,7 @@ def main(args) -> int:
             print(json.dumps({"plan": planned}))
             return 0
         predictor = LazyPredictor(cfg.model, pick_device(cfg.device, rank, world), cfg.dtype,
-                                  cfg.attn_implementation, cfg.max_new_tokens)
+                                  cfg.attn_implementation, cfg.max_new_tokens, prompt_format=cfg.prompt_format)
         result = run_sweep(cfg, predictor, arch, rank=rank, world_size=world, progress=not args.no_progress)
     except (EvalError, DataError, KeyError, ValueError, OSError) as err:
         print(f"himap sweep: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)

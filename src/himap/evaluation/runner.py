@@ -68,6 +68,8 @@ class EvalConfig:
     merge_timeout_s: float = 24 * 3600.0  # how long rank 0 waits for the other ranks' shards
     poll_s: float = 0.5  # how often rank 0 looks at the shards while waiting
     progress: bool = True  # show a tqdm progress bar
+    prompt_format: str = "hf"  # himap.models.loading.PROMPT_FORMATS; recorded with the predictions
+    no_cache: bool = False  # generate as the official code (use_cache=False, re-ranking at every token)
 
 
 def dist_env(environ=os.environ) -> tuple[int, int]:
@@ -166,9 +168,15 @@ def schedule_dict(schedule: Schedule) -> list[dict]:
 
 
 def method_meta(cfg: EvalConfig, task, schedule: Schedule, max_new_tokens: int) -> dict:
-    return {"model": cfg.model, "task": task.NAME, "task_version": str(task.VERSION),
+    meta = {"model": cfg.model, "task": task.NAME, "task_version": str(task.VERSION),
             "split": cfg.split, "method": schedule.name, "schedule": schedule_dict(schedule),
             "max_new_tokens": max_new_tokens}
+    # recorded only when they differ from the defaults, so earlier runs' files still resume
+    if cfg.prompt_format != "hf":
+        meta["prompt_format"] = cfg.prompt_format
+    if cfg.no_cache:
+        meta["no_cache"] = True
+    return meta
 
 
 def check_meta(directory: str, meta: dict, overwrite: bool) -> None:
@@ -186,7 +194,7 @@ def check_meta(directory: str, meta: dict, overwrite: bool) -> None:
     if os.path.isfile(meta_path):
         with open(meta_path, encoding="utf-8") as f:
             old = json.load(f)
-        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+        diff = {k: (old.get(k), meta.get(k)) for k in {**old, **meta} if old.get(k) != meta.get(k)}
         if diff:
             raise EvalError(
                 f"{directory} already holds predictions of {method!r} made with different settings "
@@ -403,10 +411,12 @@ def image_of(item):
 
 
 @contextlib.contextmanager
-def model_predictor(model, processor, schedule: Schedule, max_new_tokens: int):
+def model_predictor(model, processor, schedule: Schedule, max_new_tokens: int, prompt_format: str = "hf",
+                    recompute: bool = False):
     """A PredictBatch that generates greedily with `model` pruned by `schedule` (himap.pruned),
-    through himap.models.loading (chat template, left padding), recording each item's token counts (for
-    the full FLOPs count) and its share of the batch's wall-clock time."""
+    through himap.models.loading (prompt format, left padding), recording each item's token counts (for
+    the full FLOPs count) and its share of the batch's wall-clock time. `recompute`: no KV cache,
+    re-ranking at every token, as the official code generates (himap.models.loading.generate_ids)."""
 
     import himap
     from himap.models.loading import build_inputs, generate_ids
@@ -426,8 +436,9 @@ def model_predictor(model, processor, schedule: Schedule, max_new_tokens: int):
             raise EvalError("a batch mixes items with and without images; use --batch-size 1")
         start = time.perf_counter()
         images = [image_of(it) for it in items] if has_image == {True} else None
-        inputs = build_inputs(processor, images, [it.prompt for it in items], device=model.device)
-        new = generate_ids(model, inputs, max_new_tokens).cpu()  # [B, new]
+        inputs = build_inputs(processor, images, [it.prompt for it in items], device=model.device,
+                              prompt_format=prompt_format)
+        new = generate_ids(model, inputs, max_new_tokens, recompute=recompute).cpu()  # [B, new]
         texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
         seconds = time.perf_counter() - start
         sets = token_sets(inputs["input_ids"].cpu(), image_token_id, inputs["attention_mask"].cpu())
@@ -477,9 +488,10 @@ class LazyPredictor:
     finished run (everything resumed) loads nothing."""
 
     def __init__(self, model: str, device: str, dtype: str | None, attn_implementation: str,
-                 max_new_tokens: int | None):
+                 max_new_tokens: int | None, prompt_format: str = "hf", no_cache: bool = False):
         self.model, self.device, self.dtype = model, device, dtype
         self.attn_implementation, self.max_new_tokens = attn_implementation, max_new_tokens
+        self.prompt_format, self.no_cache = prompt_format, no_cache
         self._loaded = None
 
     def load(self):
@@ -493,7 +505,8 @@ class LazyPredictor:
 
     def __call__(self, schedule: Schedule, max_new_tokens: int | None = None):
         model, processor = self.load()
-        return model_predictor(model, processor, schedule, max_new_tokens or self.max_new_tokens)
+        return model_predictor(model, processor, schedule, max_new_tokens or self.max_new_tokens,
+                               self.prompt_format, self.no_cache)
 
 
 # ---------------------------------------------------------------- the whole evaluation

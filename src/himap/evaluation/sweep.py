@@ -64,6 +64,7 @@ class SweepConfig:
     device: str = "auto"  # cpu, cuda or auto
     dtype: str | None = None  # fp32, bf16, fp16 (None: fp32 on CPU, bf16 on CUDA)
     attn_implementation: str = "sdpa"  # attention kernel every layer keeps
+    prompt_format: str = "hf"  # himap.models.loading.PROMPT_FORMATS: "hf" or "llava-v1" (the official scripts')
     plot: bool = True  # write pareto.png
     scoring: dict = field(default_factory=dict)  # task.score keywords: tokenizer, judge_base_url, judge_model, ...
 
@@ -97,6 +98,10 @@ def parse_config(data: dict) -> SweepConfig:
         raise ValueError("sweep config: `methods` is a list of names")
     if not isinstance(data.get("scoring") or {}, dict):
         raise ValueError("sweep config: `scoring` is a mapping of task.score keywords")
+    if "prompt_format" in data:
+        from himap.models.loading import check_prompt_format
+
+        check_prompt_format(data["prompt_format"])
     return SweepConfig(**{**data, "tasks": tasks, "methods": list(methods), "scoring": data.get("scoring") or {}})
 
 
@@ -318,7 +323,7 @@ def run_sweep(cfg: SweepConfig, predictor, arch, rank: int = 0, world_size: int 
                           limit=spec.limit if spec.limit is not None else cfg.limit,
                           image_dir=spec.image_dir, batch_size=cfg.batch_size,
                           max_new_tokens=cfg.max_new_tokens, out=cfg.out, model=cfg.model,
-                          rank=rank, world_size=world_size, progress=progress)
+                          rank=rank, world_size=world_size, progress=progress, prompt_format=cfg.prompt_format)
         res = evaluate(ecfg, schedules, predictor, arch=arch, score_kwargs=cfg.scoring or None)
         result.predicted += sum(res.predicted.values())
         if rank == 0:

@@ -2,6 +2,16 @@
 
 The same code path serves llava-hf checkpoints (a hub id or a local directory) and the built-in
 model ("builtin"): AutoModelForImageTextToText and AutoProcessor from a directory.
+
+Prompt formats (`prompt_format`, the CLI's --prompt-format; docs/official-code.md):
+- "hf": the checkpoint's own chat template (processor.apply_chat_template), one user turn with
+  the images first and no system prompt: what the HF model card and lmms-eval use. LLaVA-1.5 (llava-hf)
+  gives BOS "USER:" then the image, then the prompt, then "ASSISTANT:" (5 tokens before the image).
+- "llava-v1": LLaVA's `vicuna_v1` conversation, built the way the official HiMAP scripts and
+  LLaVA's eval scripts build it (conv_templates["vicuna_v1"], then tokenizer_image_token): the
+  system prompt, " USER: <image>\n{prompt} ASSISTANT:", each text chunk around the image
+  tokenized on its own (35 tokens before the image with LLaVA-1.5's tokenizer). One image per
+  prompt at most, as LLaVA-1.5's format.
 """
 
 from __future__ import annotations
@@ -9,6 +19,16 @@ from __future__ import annotations
 import os
 
 BUILTIN = "builtin"
+
+PROMPT_FORMATS = ("hf", "llava-v1")
+"""Prompt formats build_inputs knows (see the module docstring)."""
+
+LLAVA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+"""The system prompt of LLaVA's `vicuna_v1` conversation (llava/conversation.py, conv_vicuna_v1)."""
+
+IMAGE_PLACEHOLDER = "<image>"
+"""LLaVA's DEFAULT_IMAGE_TOKEN: the text where tokenizer_image_token splits the prompt."""
 
 
 def resolve_model_path(path_or_id: str) -> str:
@@ -71,11 +91,33 @@ def load_processor(path: str):
     return AutoProcessor.from_pretrained(path)
 
 
+def check_prompt_format(prompt_format: str) -> str:
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt format {prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)}")
+    return prompt_format
+
+
+def llava_v1_text(prompt: str, with_image: bool = True) -> str:
+    """One user turn and an open assistant turn in LLaVA's `vicuna_v1` conversation: separator
+    style TWO with sep " ", roles USER / ASSISTANT, and the image placeholder plus a newline
+    before the prompt (LLaVA-1.5 has no image start/end tokens)."""
+    if IMAGE_PLACEHOLDER in prompt:
+        raise ValueError(f"the prompt contains {IMAGE_PLACEHOLDER!r}; the llava-v1 format places the image itself")
+    image = IMAGE_PLACEHOLDER + "\n" if with_image else ""
+    return f"{LLAVA_V1_SYSTEM} USER: {image}{prompt} ASSISTANT:"
+
+
 def chat_text(processor, prompt: str, with_image: bool = True, n_images: int | None = None,
-              video: bool = False) -> str:
-    """The model's chat-template text for one user turn: the images (`n_images`, default one when
-    `with_image`), then the video if any, then the prompt."""
+              video: bool = False, prompt_format: str = "hf") -> str:
+    """The text of one user turn (the images, `n_images`, default one when `with_image`; then the
+    video if any; then the prompt) ending with the assistant's turn: the model's chat template
+    ("hf") or LLaVA's vicuna_v1 conversation ("llava-v1", one image at most)."""
     n = (1 if with_image else 0) if n_images is None else n_images
+    if check_prompt_format(prompt_format) == "llava-v1":
+        if n > 1 or video:
+            raise ValueError("the llava-v1 format (LLaVA-1.5's vicuna_v1 conversation) takes one image per prompt, "
+                             "no video; use --prompt-format hf")
+        return llava_v1_text(prompt, with_image=n == 1)
     content = [{"type": "image"}] * n + ([{"type": "video"}] if video else []) + [{"type": "text", "text": prompt}]
     if getattr(processor, "chat_template", None):
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
@@ -83,6 +125,56 @@ def chat_text(processor, prompt: str, with_image: bool = True, n_images: int | N
         raise ValueError("this processor has no chat template; cannot place a video in the prompt")
     image = (getattr(processor, "image_token", "<image>") + "\n") * n
     return f"USER: {image}{prompt} ASSISTANT:"  # LLaVA-1.5 layout when no template is saved
+
+
+def llava_v1_ids(tokenizer, text: str, image_ids: list[int] | None = None) -> list[int]:
+    """Token ids of a llava-v1 text the way LLaVA's tokenizer_image_token makes them: each chunk
+    between image placeholders tokenized on its own with the tokenizer's special tokens; when
+    the first chunk starts with BOS, BOS is kept once and the first id of every chunk dropped;
+    `image_ids` (the image's expanded tokens) go where the placeholder was. A tokenizer that has
+    a BOS token but does not add it (the built-in word-level one) gets it prepended, as LLaVA's
+    Llama tokenizer would have added it."""
+    chunks = [tokenizer(c)["input_ids"] for c in text.split(IMAGE_PLACEHOLDER)]
+    if len(chunks) > 1 and image_ids is None:
+        raise ValueError("the text has an image placeholder but no image tokens were given")
+    bos = tokenizer.bos_token_id
+    offset = 1 if chunks[0] and bos is not None and chunks[0][0] == bos else 0
+    ids = [] if bos is None else [bos]
+    for i, chunk in enumerate(chunks):
+        if i:
+            ids += list(image_ids)
+        ids += chunk[offset:]
+    return ids
+
+
+def _llava_v1_batch(processor, per_prompt: list, prompts: list[str]) -> dict:
+    """input_ids / attention_mask (left-padded) and the processor's pixel inputs in the llava-v1
+    format, `per_prompt` holding each prompt's images (none or one). The image's token count
+    comes from the processor itself (it expands one image token per image), never from a
+    hard-coded length."""
+    import torch
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    flat = [im for ims in per_prompt for im in ims]
+    pixels, runs = {}, iter(())
+    if flat:
+        token = getattr(processor, "image_token", None)
+        token_id = getattr(processor, "image_token_id", None)
+        if token is None or token_id is None:
+            raise ValueError("the llava-v1 format needs a processor with an image token (a LLaVA processor)")
+        expanded = processor(images=flat, text=[token] * len(flat), return_tensors="pt", padding=True)
+        runs = iter([[token_id] * n for n in (expanded["input_ids"] == token_id).sum(1).tolist()])
+        pixels = {k: v for k, v in expanded.items() if k in MODEL_INPUTS and k.startswith(("pixel_values", "image_"))}
+    rows = [llava_v1_ids(tokenizer, llava_v1_text(p, with_image=bool(ims)), next(runs) if ims else None)
+            for p, ims in zip(prompts, per_prompt)]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):  # left padding, as the tokenizer's padding_side for generation
+        ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[b, width - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask, **pixels}
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw",
@@ -97,13 +189,16 @@ def _rgb(im):
     return Image.open(im).convert("RGB") if isinstance(im, (str, os.PathLike)) else im.convert("RGB")
 
 
-def build_inputs(processor, images, prompts: list[str], device="cpu", dtype=None, videos=None) -> dict:
-    """Left-padded model inputs for a batch through the processor's chat template.
+def build_inputs(processor, images, prompts: list[str], device="cpu", dtype=None, videos=None,
+                 prompt_format: str = "hf") -> dict:
+    """Left-padded model inputs for a batch, in `prompt_format` ("hf": through the processor's
+    chat template; "llava-v1": see the module docstring).
 
     `images`: per prompt one PIL image (or path) or a list of them (several images), or None for
     a batch without images; `videos`: None or per prompt a list of frames (PIL images or paths),
     for families that take video. Floating pixel inputs are cast to `dtype` when given.
     """
+    check_prompt_format(prompt_format)
     if images is not None and len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     if videos is not None and len(videos) != len(prompts):
@@ -111,10 +206,12 @@ def build_inputs(processor, images, prompts: list[str], device="cpu", dtype=None
     per_prompt = [[] if im is None else [_rgb(x) for x in im] if isinstance(im, (list, tuple)) else [_rgb(im)]
                   for im in (images if images is not None else [None] * len(prompts))]
     clips = [[_rgb(f) for f in v] for v in videos] if videos is not None else None
-    texts = [chat_text(processor, p, n_images=len(ims), video=clips is not None)
-             for p, ims in zip(prompts, per_prompt)]
+    texts = [chat_text(processor, p, n_images=len(ims), video=clips is not None, prompt_format=prompt_format)
+             for p, ims in zip(prompts, per_prompt)]  # also checks what llava-v1 takes
     flat = [im for ims in per_prompt for im in ims]
-    if not flat and clips is None:
+    if prompt_format == "llava-v1":
+        batch = _llava_v1_batch(processor, per_prompt, prompts)
+    elif not flat and clips is None:
         batch = processor.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     else:
         if clips is not None and getattr(processor, "video_processor", None) is None:
@@ -127,20 +224,28 @@ def build_inputs(processor, images, prompts: list[str], device="cpu", dtype=None
     return out
 
 
-def generate_ids(model, inputs: dict, max_new_tokens: int = 16, **generate_kwargs):
-    """Greedy decoding; returns only the new token ids [B, n]."""
+def generate_ids(model, inputs: dict, max_new_tokens: int = 16, recompute: bool = False, **generate_kwargs):
+    """Greedy decoding; returns only the new token ids [B, n].
+
+    recompute=True generates as the official HiMAP code does (`use_cache=False`): no KV cache,
+    every new token re-runs the whole sequence (prompt and the tokens generated so far), so a
+    pruned model ranks and prunes again at every token, and phi_sh's instruction rows include the
+    generated tokens. The default keeps the KV cache: one ranking in prefill, decode steps
+    attending to the pruned cache."""
     import torch
 
     inputs = {k: v.to(model.dtype) if k.startswith("pixel_values") else v for k, v in inputs.items()}
+    if recompute:
+        generate_kwargs = {**generate_kwargs, "use_cache": False}
     with torch.no_grad():  # not inference_mode: the gradient criterion needs autograd inside
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
     return out[:, inputs["input_ids"].shape[1]:]
 
 
 def generate_texts(model, processor, images, prompts: list[str], max_new_tokens: int = 16,
-                   **generate_kwargs) -> list[str]:
+                   prompt_format: str = "hf", recompute: bool = False, **generate_kwargs) -> list[str]:
     """Batched greedy answers (decoded, special tokens skipped, stripped)."""
-    inputs = build_inputs(processor, images, prompts, device=model.device)
-    new = generate_ids(model, inputs, max_new_tokens, **generate_kwargs)
+    inputs = build_inputs(processor, images, prompts, device=model.device, prompt_format=prompt_format)
+    new = generate_ids(model, inputs, max_new_tokens, recompute=recompute, **generate_kwargs)
     tokenizer = getattr(processor, "tokenizer", processor)
     return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]

@@ -250,3 +250,33 @@ def family_batch(processor, samples: list[dict], seed: int = 0) -> dict:
         images += random_images(s.get("images", ()), seed=seed + i)
     batch = processor(images=images or None, videos=videos or None, text=texts, return_tensors="pt", padding=True)
     return dict(batch)
+
+
+def tiny_llama_processor(texts, image_size: int = 32, patch: int = 4):
+    """A LlavaProcessor around a Llama (sentencepiece-style BPE: Metaspace, byte fallback, BOS added)
+    tokenizer whose vocabulary holds every '▁word' of `texts`, so a chunk starting with a newline
+    tokenizes as '▁', '<0x0A>' as LLaVA-1.5's tokenizer does (ids 29871, 13)."""
+    from transformers import LlamaTokenizer, LlavaProcessor
+
+    from himap.builtin.offline_processor import build_image_processor
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    merges = []
+
+    def piece(p):
+        for ch in p:
+            vocab.setdefault(ch, len(vocab))
+        for i in range(1, len(p)):
+            if p[:i + 1] not in vocab:
+                merges.append((p[:i], p[i]))
+                vocab[p[:i + 1]] = len(vocab)
+
+    piece("\u2581")
+    for t in texts:
+        for w in t.replace("\n", " ").replace("<image>", " ").split(" "):
+            if w:
+                piece("\u2581" + w)
+    tok = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, pad_token="<unk>",
+                         extra_special_tokens={"image_token": "<image>"})
+    return LlavaProcessor(image_processor=build_image_processor(image_size), tokenizer=tok, patch_size=patch,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
