@@ -124,6 +124,24 @@ def answer_tokens(tokenizer, answer) -> tuple[int, list[int]]:
     return target, sorted(accepted)
 
 
+def answer_piece_id(tokenizer, answer) -> int:
+    """The official code's saliency target: `tokenizer.convert_tokens_to_ids(answer)`, the
+    vocabulary piece spelled exactly like the answer. With LLaVA-1.5's tokenizer the answer "A"
+    is the piece "A" (id 29909), whereas tokenizing the answer gives "▁A" (id 319), the token
+    the model predicts after "ASSISTANT:". Raises when the answer is not one piece of the
+    vocabulary (the official code would silently target the unknown token)."""
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str) or not answer:
+        raise ValueError(f"the answer-piece target needs a text answer, got {answer!r}")
+    piece = tokenizer.convert_tokens_to_ids(answer)
+    unk = tokenizer.unk_token_id
+    if piece is None or (piece == unk and answer != tokenizer.unk_token):
+        raise ValueError(f"answer {answer!r} is not a single piece of the tokenizer's vocabulary; the official "
+                         "target (convert_tokens_to_ids) needs one: use --target answer")
+    return int(piece)
+
+
 def sample_seed(seed: int, item_id: str) -> int:
     """A per-sample seed that depends only on the run seed and the sample id (stable across
     batch sizes, resumes and item orders)."""
@@ -141,13 +159,14 @@ def open_image(path: str):
         return im.convert("RGB")
 
 
-def build_batch(processor, items: list, device="cpu", dtype=None) -> dict:
-    """Model inputs (left-padded, chat template applied, pixel values in `dtype`) for items
-    with images, via himap.models.loading.build_inputs."""
+def build_batch(processor, items: list, device="cpu", dtype=None, prompt_format: str = "hf") -> dict:
+    """Model inputs (left-padded, in `prompt_format`, pixel values in `dtype`) for items with
+    images, via himap.models.loading.build_inputs."""
     from himap.models.loading import build_inputs
 
     images = [open_image(it.image) for it in items]
-    return build_inputs(processor, images, [it.prompt for it in items], device=device, dtype=dtype)
+    return build_inputs(processor, images, [it.prompt for it in items], device=device, dtype=dtype,
+                        prompt_format=prompt_format)
 
 
 def drop_image_tokens(inputs: dict, image_token_id, pad_token_id: int = 0) -> dict:

@@ -15,6 +15,12 @@ Everything is measured on one forward of the prompt: the first answer token. Per
 - score consistency: Jaccard similarity of the top-5 token ids before and after;
 - E = S - S_hat: correct first tokens before minus after (appendix D);
 - D = log(E_vv / E_vt) per window (eq. 7), None when a count is not positive (log undefined).
+
+The official code (src/HiMAP/validate/attn_disruption.py) defines label consistency otherwise:
+it generates 8 tokens under the block with use_cache=False, so every step re-runs the whole
+sequence with the block rebuilt over it (the generated tokens join the instruction rows), and
+counts a sample consistent when the ground-truth label (e.g. "A") appears in the decoded,
+stripped output. `official_tokens` > 0 computes that next to ours ("label_consistency_official").
 """
 
 from __future__ import annotations
@@ -24,6 +30,17 @@ from dataclasses import dataclass
 
 FLOWS = ("img2ins", "img2img", "img2rnd")
 """Blockable flows (SPEC section 4)."""
+
+OFFICIAL_TOKENS = 8
+"""Tokens the official disruption script generates under each block (max_new_tokens=8)."""
+
+REFERENCES = {
+    "paper": {"official_tokens": 0, "from_layer_on": False, "prompt_format": "hf"},
+    "official": {"official_tokens": OFFICIAL_TOKENS, "from_layer_on": True, "prompt_format": "llava-v1"},
+}
+"""The disruption choices of the paper's description (with himap's default prompt) and of the
+official code (its mask alias blocks from the layer on; docs/official-code.md); the CLI's
+--reference picks one set, single flags override it."""
 
 
 @dataclass
@@ -35,6 +52,8 @@ class DisruptConfig:
     from_layer_on: bool = False  # block from each window's first layer to the last layer
     seed: int = 0  # seed of img2rnd's random rows (combined with each sample's id by the CLI)
     top_k: int = 5  # top-k ids compared by score consistency
+    official_tokens: int = 0  # > 0: also generate this many tokens under each block (no KV cache, block
+    #   rebuilt over the grown sequence) and score the official label consistency; the official code uses 8
 
 
 @dataclass(frozen=True)
@@ -153,6 +172,42 @@ def disrupted_logits(model, inputs: dict, blocks: dict):
         return last_logits(model, inputs)
 
 
+def blocked_greedy(model, inputs: dict, first_logits, blocks_for, n_tokens: int) -> list[list[int]]:
+    """Greedy tokens [B][n_tokens] generated the way the official code generates (use_cache=False):
+    every step runs the whole sequence again, with `blocks_for(sets)` ({layer: bool [B, T, T]})
+    rebuilt for the grown sequence's token sets (generated tokens count as instruction tokens).
+    `first_logits` [B, V] are step 0's (the prompt's last position under the same blocks). The
+    image token is never generated (it would be read as a new image position)."""
+    import torch
+
+    from himap.prune.tokens import token_sets
+
+    image_id = model.config.image_token_id
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    logits, new = first_logits, []
+    for step in range(n_tokens):
+        if step:
+            sets = token_sets(ids, image_id, mask)
+            logits = disrupted_logits(model, {**rest, "input_ids": ids, "attention_mask": mask}, blocks_for(sets))
+        nxt = logits.float().index_fill(-1, torch.tensor([image_id], device=logits.device),
+                                        float("-inf")).argmax(-1, keepdim=True)  # [B, 1]
+        new.append(nxt)
+        ids = torch.cat([ids, nxt.to(ids.dtype)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt, dtype=mask.dtype)], dim=1)
+    return torch.cat(new, dim=1).tolist() if new else [[] for _ in range(ids.shape[0])]
+
+
+def label_in_output(label: str, token_ids: list[int], decode, eos_ids=()) -> tuple[str, bool]:
+    """(output text, whether `label` appears in it): the official consistency test. The ids are
+    cut at the first end-of-sequence token (generation stops there), decoded without special
+    tokens and stripped; the test is the official `label in outputs` (case-sensitive substring)."""
+    ids = list(token_ids)
+    cut = next((j for j, t in enumerate(ids) if t in set(eos_ids)), len(ids))
+    text = decode(ids[:cut]).strip()
+    return text, str(label) in text
+
+
 def jaccard(a, b) -> float:
     """Jaccard similarity of two id collections."""
     a, b = set(a), set(b)
@@ -164,7 +219,7 @@ def condition_key(flow: str, window: Window | str) -> str:
 
 
 def disrupt_batch(model, inputs: dict, targets, accepted=None, config: DisruptConfig | None = None,
-                  seeds=None) -> list[dict]:
+                  seeds=None, labels=None, decode=None) -> list[dict]:
     """Run every (flow, window) condition on a batch and score it against the undisturbed run.
 
     targets: [B] token ids of the answers' first tokens; accepted: per sample, the set of ids
@@ -173,6 +228,9 @@ def disrupt_batch(model, inputs: dict, targets, accepted=None, config: DisruptCo
     {"target", "accepted", "base": {"pred", "top", "correct"},
      "runs": {"flow@window": {"layers", "pred", "top", "correct", "label_consistent",
                                "score_consistency"}}}.
+    With config.official_tokens > 0, `labels` (the ground-truth answer texts) and `decode`
+    (token ids -> text) are needed; the base and every run also get "output" (the text generated
+    under the block) and "label_in_output" (the official label consistency).
     """
     import torch
 
@@ -196,17 +254,30 @@ def disrupt_batch(model, inputs: dict, targets, accepted=None, config: DisruptCo
     accepted = [set(a) for a in accepted] if accepted is not None else [{t} for t in targets]
     seeds = [config.seed + b for b in range(n)] if seeds is None else list(seeds)
 
-    def scored(logits):
-        top = logits.float().topk(config.top_k, dim=-1).indices.tolist()
-        return [{"pred": t[0], "top": t, "correct": t[0] in accepted[b]} for b, t in enumerate(top)]
+    if config.official_tokens < 0:
+        raise ValueError(f"official_tokens must be >= 0, got {config.official_tokens}")
+    if config.official_tokens and (labels is None or decode is None or len(labels) != n):
+        raise ValueError("the official label consistency needs each sample's label text and a decode function")
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
-    base = scored(disrupted_logits(model, inputs, {}))
+    def scored(logits, blocks_for):
+        top = logits.float().topk(config.top_k, dim=-1).indices.tolist()
+        out = [{"pred": t[0], "top": t, "correct": t[0] in accepted[b]} for b, t in enumerate(top)]
+        if config.official_tokens:
+            new = blocked_greedy(model, inputs, logits, blocks_for, config.official_tokens)
+            for b, r in enumerate(out):
+                r["output"], r["label_in_output"] = label_in_output(labels[b], new[b], decode, eos)
+        return out
+
+    base = scored(disrupted_logits(model, inputs, {}), lambda sets_: {})
     records = [{"target": targets[b], "accepted": sorted(accepted[b]), "base": base[b], "runs": {}}
                for b in range(n)]
     for flow in config.flows:
         block = flow_block(sets, flow, seeds)  # [B, T, T]
         for w in windows:
-            runs = scored(disrupted_logits(model, inputs, {l: block for l in w.layers}))
+            blocks_for = lambda grown, flow=flow, w=w: {l: flow_block(grown, flow, seeds) for l in w.layers}  # noqa: E731
+            runs = scored(disrupted_logits(model, inputs, {l: block for l in w.layers}), blocks_for)
             for b, r in enumerate(runs):
                 r.update(layers=list(w.layers), label_consistent=r["pred"] == base[b]["pred"],
                          score_consistency=jaccard(r["top"], base[b]["top"]))
@@ -224,7 +295,9 @@ def summarize(records: list[dict]) -> dict:
 
     {"n", "correct_before" (S), "conditions": {"flow@window": {"flow", "window", "layers", "n",
     "label_consistency", "score_consistency", "correct_after" (S_hat), "E", "accuracy_before",
-    "accuracy_after"}}, "D": {window: {"E_vv", "E_vt", "D"}}}
+    "accuracy_after"}}, "D": {window: {"E_vv", "E_vt", "D"}}}; when the records hold the official
+    generation, also "label_in_output_before" and per condition "label_consistency_official"
+    (the fraction of samples whose label appears in the output generated under the block).
     """
     n = len(records)
     s = sum(r["base"]["correct"] for r in records)
@@ -243,9 +316,14 @@ def summarize(records: list[dict]) -> dict:
             "correct_after": s_hat, "E": s - s_hat,
             "accuracy_before": s / n, "accuracy_after": s_hat / n,
         }
+        if all("label_in_output" in r for r in runs):
+            conditions[key]["label_consistency_official"] = sum(r["label_in_output"] for r in runs) / n
     d = {}
     for key, c in conditions.items():
         if c["flow"] == "img2img" and condition_key("img2ins", c["window"]) in conditions:
             e_vt = conditions[condition_key("img2ins", c["window"])]["E"]
             d[c["window"]] = {"layers": c["layers"], "E_vv": c["E"], "E_vt": e_vt, "D": log_ratio(c["E"], e_vt)}
-    return {"n": n, "correct_before": s, "conditions": conditions, "D": d}
+    out = {"n": n, "correct_before": s, "conditions": conditions, "D": d}
+    if records and all("label_in_output" in r["base"] for r in records):
+        out["label_in_output_before"] = sum(r["base"]["label_in_output"] for r in records) / n
+    return out

@@ -13,14 +13,24 @@ S (system), V (image), I (instruction) and X = S u V u I (himap.prune.tokens):
     S_img = sum_{i in X, j in V} I(i, j) / |V|      (eq. 3)
     S_ins = sum_{i in X, j in I} I(i, j) / |I|      (eq. 4)
     S_vv  = sum_{i in V, j in V} I(i, j) / |V|      (eq. 5)
-    S_vt  = sum_{i in I, j in V} I(i, j) / |V|      (eq. 6 as the official code computes it:
-                                                      rows I, columns V; the printed indices
-                                                      give zero under causal attention)
+    S_vt  = sum_{i in I, j in V} I(i, j) / |V|      (eq. 6: flow from image into instruction
+                                                      tokens; the printed indices put V on the
+                                                      rows, which gives zero under causal attention)
+
+The official code (ustc-hyin/HiMAP, src/HiMAP/analysis; docs/official-code.md) computes
+something else, offered here as options (`REFERENCES["official"]`, the CLI's --reference official):
+- value: it multiplies A by a ones tensor that requires grad, reads that tensor's gradient
+  (A * dL/dA) and multiplies it by A again: |A^2 * dL/dA| per head (`value="official"`);
+- S_sys, S_img, S_ins sum the set's ROWS over all columns, the flow into the set's tokens
+  (`set_direction="rows"`), divided by the set size;
+- S_vv and S_vt are the same blocks as above, not divided by |V| (`divide_visual=False`).
+The head mean is taken after the absolute value in both (`abs_per_head`; eq. 1 as printed puts
+the absolute value outside the head sum, which `abs_per_head=False` selects).
 
 Memory: the measured layers run an explicit attention whose probabilities pass through an
-identity autograd function tied to a scalar anchor that requires grad (the official code
-multiplies A by a ones tensor instead, which costs a copy of A per layer). Its backward receives
-dL/dA when the backward pass reaches the layer and reduces |A * dL/dA| to the five block metrics
+identity autograd function tied to a scalar anchor that requires grad (the official code's
+ones tensor costs a copy of A per layer). Its backward receives
+dL/dA when the backward pass reaches the layer and reduces the saliency to the five block metrics
 at once, so no gradient matrix outlives its layer's backward step (except one layer's head-mean
 matrix when asked for). Parameters are frozen while measuring, so autograd records only what
 lies between the first measured layer and the loss: per measured layer it keeps the softmax
@@ -35,13 +45,37 @@ from dataclasses import dataclass, field
 METRICS = ("S_sys", "S_img", "S_ins", "S_vv", "S_vt")
 """Per-layer block metrics, in the order the paper introduces them."""
 
+VALUES = ("eq1", "official")
+"""Saliency value per head: "eq1" |A * dL/dA| (eq. 1); "official" |A^2 * dL/dA| (the official code)."""
+
+SET_DIRECTIONS = ("columns", "rows")
+"""S_sys / S_img / S_ins sum the set's columns (flow out of its tokens, eqs. 2-4) or its rows
+(flow into its tokens, the official code)."""
+
+TARGETS = ("answer", "answer-piece", "greedy")
+"""Loss targets: the first token of the tokenized answer; the vocabulary piece spelled like the
+answer (the official code's convert_tokens_to_ids(answer)); the model's own top-1 token."""
+
+REFERENCES = {
+    "paper": {"value": "eq1", "set_direction": "columns", "divide_visual": True, "target": "answer",
+              "prompt_format": "hf"},
+    "official": {"value": "official", "set_direction": "rows", "divide_visual": False,
+                 "target": "answer-piece", "prompt_format": "llava-v1"},
+}
+"""Every choice that differs between the equations as printed (with himap's default prompt) and
+the official code (docs/official-code.md); the CLI's --reference picks one set, single flags
+override it."""
+
 
 @dataclass
 class SaliencyConfig:
     """How saliency is measured."""
 
     layers: tuple[int, ...] | None = None  # decoder layers to measure (0-based); None = every layer
-    abs_per_head: bool = True  # SPEC: |A*dL/dA| per head, then the head mean; False: |head mean| (eq. 1 as printed)
+    abs_per_head: bool = True  # |value| per head, then the head mean (SPEC, official code); False: |head mean| (eq. 1 as printed)
+    value: str = "eq1"  # one of VALUES: "eq1" A*dL/dA (eq. 1), "official" A^2*dL/dA
+    set_direction: str = "columns"  # one of SET_DIRECTIONS, for S_sys / S_img / S_ins
+    divide_visual: bool = True  # S_vv, S_vt divided by |V| (eqs. 5-6); the official code does not divide
     matrix_layer: int | None = None  # also return this layer's full head-mean saliency matrix per sample
     top_k: int = 5  # how many top first-token ids to report per sample
 
@@ -66,26 +100,44 @@ class SampleSaliency:
                 "counts": self.counts}
 
 
-def block_metrics(saliency, sets) -> dict:
+def config_for(reference: str = "paper", **overrides) -> SaliencyConfig:
+    """A SaliencyConfig with a reference's value, direction and normalisation (REFERENCES), then
+    `overrides` (other SaliencyConfig fields; None values are ignored)."""
+    if reference not in REFERENCES:
+        raise ValueError(f"unknown reference {reference!r}; choose one of {', '.join(REFERENCES)}")
+    fields = {k: v for k, v in REFERENCES[reference].items() if k in ("value", "set_direction", "divide_visual")}
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return SaliencyConfig(**fields)
+
+
+def block_metrics(saliency, sets, set_direction: str = "columns", divide_visual: bool = True) -> dict:
     """The five block metrics of saliency matrices [B, T, T] (query rows, key columns) for the
     token sets `sets` (himap.prune.tokens.TokenSets with masks [B, T]); NaN where the dividing set is
-    empty. Returns metric name -> tensor [B]."""
+    empty. `set_direction` "columns" (eqs. 2-4) sums each set's columns over the prompt's rows,
+    "rows" (official code) each set's rows over the prompt's columns; `divide_visual=False`
+    leaves S_vv and S_vt undivided (official code). Returns metric name -> tensor [B]."""
     import torch
 
+    if set_direction not in SET_DIRECTIONS:
+        raise ValueError(f"unknown set direction {set_direction!r}; choose one of {', '.join(SET_DIRECTIONS)}")
     m = saliency.float()  # [B, T, T]
     x, s, v, i = (getattr(sets, k).to(m.dtype) for k in ("valid", "system", "image", "instruction"))  # [B, T]
-    from_rows_x = torch.einsum("bi,bij->bj", x, m)  # [B, T] flow out of each key into all prompt tokens
+    if set_direction == "columns":
+        per_token = torch.einsum("bi,bij->bj", x, m)  # [B, T] flow out of each key into all prompt tokens
+    else:
+        per_token = torch.einsum("bij,bj->bi", m, x)  # [B, T] flow into each query from all prompt tokens
 
     def per(total, count):
         return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
 
     n_s, n_v, n_i = s.sum(1), v.sum(1), i.sum(1)  # [B]
+    n_vis = n_v if divide_visual else torch.ones_like(n_v)
     return {
-        "S_sys": per((from_rows_x * s).sum(1), n_s),
-        "S_img": per((from_rows_x * v).sum(1), n_v),
-        "S_ins": per((from_rows_x * i).sum(1), n_i),
-        "S_vv": per(torch.einsum("bi,bij,bj->b", v, m, v), n_v),
-        "S_vt": per(torch.einsum("bi,bij,bj->b", i, m, v), n_v),
+        "S_sys": per((per_token * s).sum(1), n_s),
+        "S_img": per((per_token * v).sum(1), n_v),
+        "S_ins": per((per_token * i).sum(1), n_i),
+        "S_vv": per(torch.einsum("bi,bij,bj->b", v, m, v), n_vis),
+        "S_vt": per(torch.einsum("bi,bij,bj->b", i, m, v), n_vis),
     }
 
 
@@ -145,6 +197,10 @@ def saliency(model, inputs: dict, targets=None, config: SaliencyConfig | None = 
     from himap.prune.tokens import token_sets
 
     config = config or SaliencyConfig()
+    if config.value not in VALUES:
+        raise ValueError(f"unknown saliency value {config.value!r}; choose one of {', '.join(VALUES)}")
+    if config.set_direction not in SET_DIRECTIONS:
+        raise ValueError(f"unknown set direction {config.set_direction!r}; choose one of {', '.join(SET_DIRECTIONS)}")
     n_layers = len(decoder_layers(model))
     layers = sorted(set(range(n_layers) if config.layers is None else config.layers))
     bad = [l for l in layers if not 0 <= l < n_layers]
@@ -170,9 +226,11 @@ def saliency(model, inputs: dict, targets=None, config: SaliencyConfig | None = 
     matrices: list = []
 
     def reduce(layer: int, probs, grad):
-        contrib = probs.float() * grad.float()  # [B, H, T, T]
+        a = probs.float()  # [B, H, T, T]
+        contrib = a * grad.float() if config.value == "eq1" else a * a * grad.float()  # [B, H, T, T]
         sal = contrib.abs().mean(1) if config.abs_per_head else contrib.mean(1).abs()  # [B, T, T]
-        per_layer[layer] = {k: v.detach().cpu() for k, v in block_metrics(sal, sets).items()}
+        metrics = block_metrics(sal, sets, config.set_direction, config.divide_visual)
+        per_layer[layer] = {k: v.detach().cpu() for k, v in metrics.items()}
         if layer == config.matrix_layer:
             for b in range(sal.shape[0]):
                 keep = sets.valid[b].nonzero().squeeze(1)

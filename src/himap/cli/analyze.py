@@ -6,20 +6,25 @@
 
 Samples come from a task (--task, --data-dir, --split) or a JSONL of {id?, image, question,
 answer} (--jsonl). Every analysis looks at the first answer token (one forward of the prompt).
+`--reference official` (saliency, disrupt) selects every choice of the official HiMAP code where
+it differs from the paper as printed (docs/official-code.md); single flags override it.
 Each writes OUT/samples.jsonl as it goes (a rerun resumes, skipping the samples already there),
 OUT/summary.json and PNG plots, and prints one JSON line at the end.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import sys
 
-from himap.analysis.disrupt import FLOWS, DisruptConfig
+from himap.analysis.disrupt import FLOWS, OFFICIAL_TOKENS, DisruptConfig
+from himap.analysis.disrupt import REFERENCES as DISRUPT_REFERENCES
 from himap.analysis.filter import WITHOUT_MODES, FilterConfig
-from himap.analysis.saliency import SaliencyConfig
+from himap.analysis.saliency import REFERENCES as SALIENCY_REFERENCES
+from himap.analysis.saliency import SET_DIRECTIONS, TARGETS, VALUES, SaliencyConfig
 
 ANALYSES = {
     "saliency": "Per-layer saliency of system, image and instruction tokens (eqs. 1-6; figures 2-3).",
@@ -35,20 +40,45 @@ def add_arguments(parser) -> None:
         p = sub.add_parser(name, help=help_text, description=help_text)
         _common(p, name)
         if name == "saliency":
+            p.add_argument("--reference", choices=tuple(SALIENCY_REFERENCES), default="paper",
+                           help="paper: the equations (|A dL/dA| of eq. 1, S_sys/S_img/S_ins over the set's "
+                                "columns as eqs. 2-4, S_vv/S_vt divided by |V| as eqs. 5-6), target the answer's first "
+                                "token, 'hf' prompts; official: what the official code computes (|A^2 dL/dA|, "
+                                "S_sys/S_img/S_ins over the set's rows, S_vv/S_vt not divided by |V|, target "
+                                "convert_tokens_to_ids(answer), llava-v1 prompts); the flags below override single "
+                                "choices. Both take |.| per head before the head mean (--abs-of-mean: eq. 1's order)")
             p.add_argument("--layers", default="all", help="layers to measure: all, or e.g. 0-5,10 (0-based)")
-            p.add_argument("--target", choices=("answer", "greedy"), default="answer",
-                           help="loss target: the answer's first token, or the model's own top-1 token")
+            p.add_argument("--target", choices=TARGETS, default=None,
+                           help="loss target: the answer's first token; the vocabulary piece spelled like the "
+                                "answer (official); the model's own top-1 token (default: the reference's)")
+            p.add_argument("--value", choices=VALUES, default=None,
+                           help="per-head value: eq1 |A*dL/dA|, official |A^2*dL/dA| (default: the reference's)")
+            p.add_argument("--set-direction", choices=SET_DIRECTIONS, default=None,
+                           help="S_sys/S_img/S_ins: columns = flow out of the set's tokens (eqs. 2-4), rows = "
+                                "flow into them (official) (default: the reference's)")
+            p.add_argument("--divide-visual", action=argparse.BooleanOptionalAction, default=None,
+                           help="divide S_vv and S_vt by |V| (eqs. 5-6; the official code does not) "
+                                "(default: the reference's)")
             p.add_argument("--save-matrix-layer", type=int, default=_SAL.matrix_layer, metavar="L",
                            help="also save layer L's full saliency matrix per sample (OUT/matrices/*.npz)")
             p.add_argument("--abs-of-mean", action="store_true",
-                           help="|head mean of A*dL/dA| (eq. 1 as printed) instead of the mean of |A*dL/dA|")
+                           help="|head mean| (eq. 1 as printed) instead of the head mean of |value| (SPEC, official)")
         elif name == "disrupt":
+            p.add_argument("--reference", choices=tuple(DISRUPT_REFERENCES), default="paper",
+                           help="paper: first-token measures only, blocks exactly the windows' layers, 'hf' prompts; "
+                                f"official: also the official label consistency over {OFFICIAL_TOKENS} generated "
+                                "tokens, blocks from each window's first layer on, llava-v1 prompts")
+            p.add_argument("--official-tokens", type=int, default=None, metavar="N",
+                           help="generate N tokens under each block without KV cache and report the official "
+                                "label consistency (the label appears in the output); 0: off "
+                                f"(default: {OFFICIAL_TOKENS} with --reference official, else 0)")
             p.add_argument("--flows", default=",".join(_DIS.flows),
                            help=f"comma-separated flows to block, from {', '.join(FLOWS)}")
             p.add_argument("--windows", default=_DIS.windows,
                            help="blocked layer windows: first:N, last:N, every:N, each, a-b, a (comma-separated)")
-            p.add_argument("--from-layer-on", action="store_true",
-                           help="block from each window's first layer to the last layer (default: only the window)")
+            p.add_argument("--from-layer-on", action=argparse.BooleanOptionalAction, default=None,
+                           help="block from each window's first layer to the last layer, as the official code's "
+                                "mask alias does (default: only the window; on with --reference official)")
             p.add_argument("--seed", type=int, default=_DIS.seed, help="seed of img2rnd's random rows")
         else:
             p.add_argument("--without", choices=WITHOUT_MODES, default=_FIL.without,
@@ -56,9 +86,13 @@ def add_arguments(parser) -> None:
 
 
 def _common(p, name: str) -> None:
-    from himap.cli.common import add_model_arguments
+    from himap.cli.common import add_model_arguments, add_prompt_format_argument
 
     add_model_arguments(p)
+    if name == "filter":
+        add_prompt_format_argument(p)
+    else:
+        add_prompt_format_argument(p, default=None, default_note="default: the reference's (paper: hf, official: llava-v1)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", help="benchmark task name (himap.tasks), e.g. scienceqa_img, aokvqa_mc, pope")
     src.add_argument("--jsonl", metavar="FILE",
@@ -90,14 +124,28 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...] | None:
     return tuple(sorted(out))
 
 
+def resolve_reference(args) -> None:
+    """Fill the choices left unset (None) from --reference: himap.analysis.saliency.REFERENCES or
+    himap.analysis.disrupt.REFERENCES (filter has no reference)."""
+    references = {"saliency": SALIENCY_REFERENCES, "disrupt": DISRUPT_REFERENCES}.get(args.analysis)
+    if references is None:
+        return
+    for key, value in references[args.reference].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.analysis == "disrupt" and args.official_tokens < 0:
+        raise ValueError("--official-tokens must be >= 0")
+
+
 def _settings(args) -> dict:
     """What a resumed run must share with the results already in --out."""
-    keys = {"saliency": ("layers", "target", "save_matrix_layer", "abs_of_mean"),
-            "disrupt": ("flows", "windows", "from_layer_on", "seed"),
+    keys = {"saliency": ("layers", "target", "save_matrix_layer", "abs_of_mean", "reference", "value",
+                         "set_direction", "divide_visual"),
+            "disrupt": ("flows", "windows", "from_layer_on", "seed", "reference", "official_tokens"),
             "filter": ("without",)}[args.analysis]
     base = {"analysis": args.analysis, "model": args.model, "task": args.task,
             "jsonl": os.path.abspath(args.jsonl) if args.jsonl else None, "split": args.split,
-            "attn": args.attn, "dtype": args.dtype}
+            "attn": args.attn, "dtype": args.dtype, "prompt_format": args.prompt_format}
     return {**base, **{k: getattr(args, k) for k in keys}}
 
 
@@ -127,6 +175,7 @@ def main(args) -> int:
     try:
         if args.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
+        resolve_reference(args)
         items = load_items(task=args.task, data_dir=args.data_dir, split=args.split, jsonl=args.jsonl,
                            limit=args.limit, ids_file=args.ids)
         needs_answer = not (args.analysis == "saliency" and args.target == "greedy")
@@ -202,15 +251,21 @@ def _saliency_batch(args, model, processor, device, batch):
 
     n_layers = len(decoder_layers(model))
     cfg = SaliencyConfig(layers=parse_layers(args.layers, n_layers), abs_per_head=not args.abs_of_mean,
+                         value=args.value, set_direction=args.set_direction, divide_visual=args.divide_visual,
                          matrix_layer=args.save_matrix_layer)
     tok = _tokenizer(processor)
-    targets, accepted = _answers(processor, batch) if args.target == "answer" else (None, None)
+    targets, accepted = _answers(processor, batch) if args.target != "greedy" else (None, None)
+    if args.target == "answer-piece":
+        from himap.analysis.data import answer_piece_id
+
+        targets = [answer_piece_id(tok, it.answer) for it in batch]
+        accepted = [sorted(set(a) | {t}) for a, t in zip(accepted, targets)]
     if accepted is None:  # greedy target: correctness still reported when the answer is short text
         try:
             accepted = _answers(processor, batch)[1]
         except ValueError:
             accepted = [None] * len(batch)
-    inputs = build_batch(processor, batch, device, model.dtype)
+    inputs = build_batch(processor, batch, device, model.dtype, prompt_format=args.prompt_format)
     out = []
     for it, res, ok in zip(batch, saliency(model, inputs, targets, cfg), accepted):
         rec = {"id": it.id, **res.to_dict(), "target_text": _decode(tok, res.target),
@@ -234,12 +289,15 @@ def _disrupt_batch(args, model, processor, device, batch):
     bad = [f for f in flows if f not in FLOWS]
     if bad or not flows:
         raise ValueError(f"unknown flow(s) {bad}; choose from {', '.join(FLOWS)}")
-    cfg = DisruptConfig(flows=flows, windows=args.windows, from_layer_on=args.from_layer_on, seed=args.seed)
+    cfg = DisruptConfig(flows=flows, windows=args.windows, from_layer_on=args.from_layer_on, seed=args.seed,
+                        official_tokens=args.official_tokens)
     targets, accepted = _answers(processor, batch)
-    inputs = build_batch(processor, batch, device, model.dtype)
+    inputs = build_batch(processor, batch, device, model.dtype, prompt_format=args.prompt_format)
     seeds = [sample_seed(args.seed, it.id) for it in batch]
     tok = _tokenizer(processor)
-    recs = disrupt_batch(model, inputs, targets, accepted, cfg, seeds)
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    recs = disrupt_batch(model, inputs, targets, accepted, cfg, seeds, labels=[str(it.answer) for it in batch],
+                         decode=decode)
     return [{"id": it.id, "target_text": _decode(tok, r["target"]),
              "prediction_text": _decode(tok, r["base"]["pred"]), **r} for it, r in zip(batch, recs)]
 
@@ -249,7 +307,7 @@ def _filter_batch(args, model, processor, device, batch):
     from himap.analysis.filter import filter_batch
 
     targets, accepted = _answers(processor, batch)
-    inputs = build_batch(processor, batch, device, model.dtype)
+    inputs = build_batch(processor, batch, device, model.dtype, prompt_format=args.prompt_format)
     tok = _tokenizer(processor)
     recs = filter_batch(model, inputs, accepted, FilterConfig(without=args.without))
     return [{"id": it.id, "answer": it.answer, "target": t, **r,
@@ -305,6 +363,9 @@ def _headline(analysis: str, summary: dict) -> dict:
     if analysis == "saliency":
         return {"accuracy": summary["accuracy"]}
     if analysis == "disrupt":
-        return {"correct_before": summary["correct_before"],
-                "D": {w: d["D"] for w, d in summary["D"].items()}}
+        line = {"correct_before": summary["correct_before"], "D": {w: d["D"] for w, d in summary["D"].items()}}
+        if "label_in_output_before" in summary:
+            line["label_consistency_official"] = {k: c["label_consistency_official"]
+                                                  for k, c in summary["conditions"].items()}
+        return line
     return {"kept": summary["kept"], "kept_ids_file": summary["kept_ids_file"]}
