@@ -39,7 +39,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=_DEFAULT.warmup, help="unmeasured rounds first")
     parser.add_argument("--prompt-tokens", type=int, nargs=2, metavar=("SYSTEM", "INSTRUCTION"),
                         default=(_DEFAULT.n_system, _DEFAULT.n_instruction),
-                        help="text tokens before (BOS included) and after the image")
+                        help="text tokens before (BOS included) and after the image (default: LLaVA-1.5's counts "
+                             "in the official llava-v1 format; its hf chat template has 5 before the image)")
+    parser.add_argument("--uncached", action="store_true",
+                        help="also run every method as the official HiMAP code generates (no KV cache: each new "
+                             "token re-runs the whole sequence and ranks again), labelled METHOD/nocache")
     parser.add_argument("--new-tokens", type=int, default=_DEFAULT.new_tokens, help="generated tokens per example")
     parser.add_argument("--batch-size", type=int, default=_DEFAULT.batch_size)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -87,7 +91,8 @@ def main(args) -> int:
     try:
         config = BenchConfig(methods=tuple(args.methods.split(",")), reps=args.reps, warmup=args.warmup,
                              n_system=args.prompt_tokens[0], n_instruction=args.prompt_tokens[1],
-                             new_tokens=args.new_tokens, batch_size=args.batch_size, seed=args.seed)
+                             new_tokens=args.new_tokens, batch_size=args.batch_size, seed=args.seed,
+                             uncached=args.uncached)
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda but torch sees no CUDA device")
         model, name = _load(args)

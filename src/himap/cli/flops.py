@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-from himap.cost.flops import ARCHS, ATTENTION_MODES, DTYPE_BYTES, PromptShape
+from himap.cost.flops import ARCHS, ATTENTION_MODES, DTYPE_BYTES, SYSTEM_TOKENS, PromptShape
 
 _DEFAULT_SHAPE = PromptShape()
 
@@ -28,8 +28,13 @@ def add_arguments(parser) -> None:
     from himap.cli.common import add_override_arguments
 
     add_override_arguments(parser)
-    parser.add_argument("--system-tokens", type=int, default=_DEFAULT_SHAPE.n_system,
-                        help="text tokens before the image, BOS included")
+    from himap.cli.common import add_prompt_format_argument
+
+    add_prompt_format_argument(parser, default="llava-v1", default_note=(
+        "here it only sets the default --system-tokens to LLaVA-1.5's count in that format: "
+        f"llava-v1 {SYSTEM_TOKENS['llava-v1']} (default: the format of the paper's numbers), hf {SYSTEM_TOKENS['hf']}"))
+    parser.add_argument("--system-tokens", type=int, default=None,
+                        help="text tokens before the image, BOS included (default: from --prompt-format)")
     parser.add_argument("--instruction-tokens", type=int, default=_DEFAULT_SHAPE.n_instruction,
                         help="text tokens after the image")
     parser.add_argument("--new-tokens", type=int, default=_DEFAULT_SHAPE.new_tokens,
@@ -111,12 +116,13 @@ def format_table(result: dict) -> str:
     a, sh = result["arch"], result["shape"]
     unit, scale = _unit(result["methods"][0]["total_tflops"] * 1e12)
     f = lambda tflops: f"{tflops * 1e12 / scale:.3f}"  # noqa: E731
+    w = max([17] + [len(r["method"]) for r in result["methods"]])  # method column width
     lines = [
         f"{a['name']}: d={a['hidden']} m={a['intermediate']} L={a['num_layers']} heads={a['num_heads']}"
         f" kv_heads={a['num_kv_heads']}; prompt {sh['n_system']} system + {sh['n_image']} image + "
         f"{sh['n_instruction']} instruction tokens, {sh['new_tokens']} new token(s); "
         f"attention {result['attention']}, KV cache {result['kv_dtype']}",
-        f"{'method':<17} {'image tokens':<18} {'paper ' + unit:>9} {'ratio':>6} {'prefill ' + unit:>10} {'ratio':>6}"
+        f"{'method':<{w}} {'image tokens':<18} {'paper ' + unit:>9} {'ratio':>6} {'prefill ' + unit:>10} {'ratio':>6}"
         f" {'+vision ' + unit:>10} {'ratio':>6} {'total ' + unit:>9} {'ratio':>6} {'KV MiB':>8}",
     ]
     for r in result["methods"]:
@@ -124,7 +130,7 @@ def format_table(result: dict) -> str:
         kept = ">".join(map(str, kept)) if len(kept) <= 4 else f"{kept[0]}>..>{kept[-1]} ({len(kept) - 1} st)"
         paper_ratio = f"{r['paper_ratio']:.1%}" if r["paper_ratio"] is not None else "-"
         lines.append(
-            f"{r['method']:<17} {kept:<18} {f(r['paper_tflops']):>9} {paper_ratio:>6}"
+            f"{r['method']:<{w}} {kept:<18} {f(r['paper_tflops']):>9} {paper_ratio:>6}"
             f" {f(r['prefill_tflops']):>10} {r['prefill_ratio']:>6.1%} {f(r['prefill_with_vision_tflops']):>10}"
             f" {r['prefill_with_vision_ratio']:>6.1%} {f(r['total_tflops']):>9} {r['total_ratio']:>6.1%}"
             f" {r['kv_cache_bytes'] / 2 ** 20:>8.1f}")
@@ -139,7 +145,8 @@ def format_table(result: dict) -> str:
 def main(args) -> int:
     try:
         arch = load_arch(args.arch, args.model)
-        shape = PromptShape(n_system=args.system_tokens, n_instruction=args.instruction_tokens,
+        n_system = args.system_tokens if args.system_tokens is not None else SYSTEM_TOKENS[args.prompt_format]
+        shape = PromptShape(n_system=n_system, n_instruction=args.instruction_tokens,
                             new_tokens=args.new_tokens, n_image=args.image_tokens)
         if shape.n_image is not None and shape.n_image != arch.image_tokens:
             import dataclasses

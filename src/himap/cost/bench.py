@@ -18,6 +18,11 @@ median reported, next to medians and min-max of the raw times. Each run of a met
   process-lifetime high-water mark), so the process's ru_maxrss is reported once, labelled as such,
   with the measured and analytic KV-cache sizes.
 
+With `uncached`, every method also runs as the official HiMAP code generates (use_cache=False:
+each new token re-runs the vision tower and the whole sequence, ranking again), labelled
+"<method>/nocache"; its decode time per token is one such full recompute, and its analytic cost
+is himap.cost.flops.uncached_cost.
+
 CUDA timings synchronise the device around every clock read. Vanilla runs the unmodified model;
 other methods run under `himap.pruned`. The input is synthetic: [BOS, system, N image tokens,
 instruction] with random ids and random pixel values; with random weights eos is disabled so every
@@ -26,6 +31,7 @@ method generates exactly G tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -48,6 +54,7 @@ class BenchConfig:
     new_tokens: int = 8  # generated tokens per example (a short answer)
     batch_size: int = 1  # examples per call (all the same length: no padding)
     seed: int = 0  # seed of the synthetic ids and pixels
+    uncached: bool = False  # also run every method without KV cache ("<method>/nocache"), as the official code
 
     def __post_init__(self):
         if self.reps < 1 or self.warmup < 0:
@@ -199,8 +206,13 @@ def kv_cache_size(cache) -> tuple[int, list[int]]:
     return total, lengths
 
 
-def run_once(model, inputs: dict, schedule, new_tokens: int) -> dict:
-    """One `generate` call of `schedule` (vanilla: the unmodified model), timed step by step."""
+UNCACHED_SUFFIX = "/nocache"
+"""Label suffix of a method run without KV cache (BenchConfig.uncached)."""
+
+
+def run_once(model, inputs: dict, schedule, new_tokens: int, use_cache: bool = True) -> dict:
+    """One `generate` call of `schedule` (vanilla: the unmodified model), timed step by step;
+    use_cache=False generates as the official code (every step re-runs the whole sequence)."""
     import torch
     from transformers import LogitsProcessorList
 
@@ -216,7 +228,8 @@ def run_once(model, inputs: dict, schedule, new_tokens: int) -> dict:
         step_clock = _StepClock(device)
         t0, c0 = _clock(device), time.process_time()
         result = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                logits_processor=LogitsProcessorList([step_clock]), return_dict_in_generate=True)
+                                logits_processor=LogitsProcessorList([step_clock]), return_dict_in_generate=True,
+                                use_cache=use_cache)
         t_end, c_end = _clock(device), time.process_time()
         if cuda:
             peak = torch.cuda.max_memory_allocated(device)
@@ -228,7 +241,10 @@ def run_once(model, inputs: dict, schedule, new_tokens: int) -> dict:
     if n_new != new_tokens or len(stamps) != new_tokens:
         raise RuntimeError(f"generate made {n_new} tokens ({len(stamps)} steps), expected {new_tokens}; "
                            "is eos disabled (random weights) or min_new_tokens honoured?")
-    final_bytes, final_lengths = kv_cache_size(result.past_key_values)
+    # the returned cache: field `cache` (5.24) or `past_key_values` (5.23); None without KV cache
+    field = "cache" if "cache" in {f.name for f in dataclasses.fields(result)} else "past_key_values"
+    cache = getattr(result, field)
+    final_bytes, final_lengths = kv_cache_size(cache) if cache is not None else (0, [])
     steps = new_tokens - 1  # the last generated token is never fed back, so the cache grew by G - 1
     out["kv_cache_lengths"] = [n - steps for n in final_lengths]
     out["kv_cache_bytes"] = final_bytes * sum(out["kv_cache_lengths"]) // max(sum(final_lengths), 1)
@@ -313,20 +329,24 @@ def run_benchmark(model, config: BenchConfig, jsonl_path: str | None = None, pro
     import torch
     from tqdm import tqdm
 
-    from himap.cost.flops import Arch, PromptShape, full_cost
+    from himap.cost.flops import Arch, PromptShape, full_cost, uncached_cost
     from himap.prune.schedule import get_schedule
 
     schedules = [get_schedule(m) for m in config.methods]
-    names = [s.name for s in schedules]
-    if len(set(names)) != len(names):
-        raise ValueError(f"method names must be distinct, got {names}")
+    if len({s.name for s in schedules}) != len(schedules):
+        raise ValueError(f"method names must be distinct, got {[s.name for s in schedules]}")
     arch = getattr(model, "_himap_arch", None) or Arch.from_config(model.config, name=arch_name or type(model).__name__)
     for s in schedules:
         s.validate_for(arch.num_layers)
+    variants = [(s.name, s, True) for s in schedules]  # (label, schedule, use_cache)
+    if config.uncached:
+        variants += [(s.name + UNCACHED_SUFFIX, s, False) for s in schedules]
+    names = [v[0] for v in variants]
     inputs = synthetic_inputs(model, config.n_system, config.n_instruction, config.batch_size, config.seed)
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[next(model.parameters()).dtype]
     shape = PromptShape(config.n_system, config.n_instruction, config.new_tokens)
-    costs = {s.name: full_cost(arch, s, shape, dtype=dtype_name) for s in schedules}
+    costs = {name: (full_cost if cached else uncached_cost)(arch, s, shape, dtype=dtype_name)
+             for name, s, cached in variants}
     run_id = time.strftime("%Y%m%d-%H%M%S")
     device = model.device
     header = {"kind": "config", "run_id": run_id, "arch": arch.name, "device": str(device), "dtype": dtype_name,
@@ -337,16 +357,16 @@ def run_benchmark(model, config: BenchConfig, jsonl_path: str | None = None, pro
         if sink:
             sink.write(json.dumps(header) + "\n")
             sink.flush()
-        total = (config.warmup + config.reps) * len(schedules)
+        total = (config.warmup + config.reps) * len(variants)
         bar = tqdm(total=total, desc="bench", disable=not progress)
         for rnd in range(config.warmup + config.reps):
-            shift = rnd % len(schedules)
-            for s in schedules[shift:] + schedules[:shift]:  # rotate the starting method each round
-                rec = run_once(model, inputs, s, config.new_tokens)
+            shift = rnd % len(variants)
+            for name, s, cached in variants[shift:] + variants[:shift]:  # rotate the starting method each round
+                rec = run_once(model, inputs, s, config.new_tokens, use_cache=cached)
                 bar.update(1)
                 if rnd < config.warmup:
                     continue
-                rec = {"kind": "run", "run_id": run_id, "method": s.name, "rep": rnd - config.warmup, **rec}
+                rec = {"kind": "run", "run_id": run_id, "method": name, "rep": rnd - config.warmup, **rec}
                 records.append(rec)
                 if sink:
                     sink.write(json.dumps(rec) + "\n")
@@ -367,11 +387,12 @@ def run_benchmark(model, config: BenchConfig, jsonl_path: str | None = None, pro
 
 def format_summary(summary: dict) -> str:
     """A table: medians (min-max) in ms, speedups vs vanilla and FastV, analytic speedups."""
+    w = max([14] + [len(name) for name in summary["methods"]])  # method column width
     lines = [f"{summary['arch']} on {summary['device']} ({summary['dtype']}, {summary['threads']} threads), "
              f"batch {summary['config']['batch_size']}, prompt {summary['config']['n_system']} system + image + "
              f"{summary['config']['n_instruction']} instruction tokens, {summary['config']['new_tokens']} new tokens, "
              f"{summary['config']['reps']} reps",
-             f"{'method':<14} {'TTFT ms (min-max)':<23} {'decode ms/tok':>13} {'e2e ms (min-max)':<23}"
+             f"{'method':<{w}} {'TTFT ms (min-max)':<23} {'decode ms/tok':>13} {'e2e ms (min-max)':<23}"
              f" {'x prefill':>9} {'(cpu)':>6} {'x e2e':>6} {'x vs FastV':>10} {'FLOPs x (full/paper)':>21} {'rank %':>7}"
              f" {'check %':>8} {'KV MiB':>7}"]
     for name, m in summary["methods"].items():
@@ -381,7 +402,7 @@ def format_summary(summary: dict) -> str:
         x = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
         flops = f"{x(a.get('prefill_with_vision_speedup'))}/{x(a.get('paper_speedup'))}"
         lines.append(
-            f"{name:<14} {span('ttft_s'):<23} {ms('decode_s_per_token'):>13.2f} {span('e2e_s'):<23}"
+            f"{name:<{w}} {span('ttft_s'):<23} {ms('decode_s_per_token'):>13.2f} {span('e2e_s'):<23}"
             f" {x(sv['ttft_s']):>9} {x(sv['ttft_cpu_s']):>6} {x(sv['e2e_s']):>6} {x(sf['ttft_s']):>10} {flops:>21}"
             f" {m['ranking_share_of_prefill'] * 100:>6.2f}% {m['check_share_of_prefill'] * 100:>7.3f}%"
             f" {m['kv_cache_bytes'] / 2 ** 20:>7.1f}")

@@ -274,11 +274,20 @@ def get_arch(name: str) -> Arch:
     return ARCHS[name]
 
 
+SYSTEM_TOKENS = {"llava-v1": 35, "hf": 5}
+"""Text tokens before the image (BOS included) with LLaVA-1.5's tokenizer, per prompt format
+(himap.models.loading): llava-v1 is BOS, the vicuna_v1 system prompt and "USER: " (35, the
+official code's --sys-length / SYS_LEN); hf is the llava-hf chat template's BOS "USER: " (5 ids:
+1, 3148, 1001, 29901, 29871, as transformers' own LLaVA processor test expects). Other models'
+templates give other counts: pass them explicitly."""
+
+
 @dataclass(frozen=True)
 class PromptShape:
-    """Token counts of one example; the defaults are a LLaVA-1.5 multiple-choice prompt."""
+    """Token counts of one example; the defaults are a LLaVA-1.5 multiple-choice prompt in the
+    official code's llava-v1 format (the format of the paper's numbers)."""
 
-    n_system: int = 35  # S: text tokens before the image, BOS included (LLaVA-1.5's system prompt + "USER:")
+    n_system: int = 35  # S: text tokens before the image, BOS included: SYSTEM_TOKENS["llava-v1"], the official format
     n_instruction: int = 40  # I: text tokens after the image (question, options, "ASSISTANT:")
     new_tokens: int = 1  # generated tokens: the first comes from prefill, each further one from a decode step
     n_image: int | None = None  # N: image tokens; None means the architecture's image_tokens
@@ -497,3 +506,25 @@ def full_cost(arch: Arch, method: "str | Schedule", shape: PromptShape = PromptS
         kv_cache_bytes_final=kv_cache_bytes(arch, [t + steps for t in tokens], dtype),
         attention=attention,
     )
+
+
+def uncached_cost(arch: Arch, method: "str | Schedule", shape: PromptShape = PromptShape(),
+                  attention: str = "dense", dtype: str = "fp16") -> Cost:
+    """Every FLOP of one example generated as the official code generates (use_cache=False):
+    step t (0 .. new_tokens-1) runs the vision tower and the whole decoder again on the prompt
+    plus the t tokens generated so far, which join the instruction tokens (ranking included).
+
+    The prefill fields and `vision` are step 0's (the same as full_cost's); the decode fields
+    hold steps 1 .. new_tokens-1, their linear layers, vision-tower runs and rankings counted in
+    `decode_linear`, their attention in `decode_attention`. No KV cache is kept (0 bytes)."""
+    import dataclasses
+
+    schedule = get_schedule(method)
+    steps = [full_cost(arch, schedule, dataclasses.replace(shape, n_instruction=shape.n_instruction + t,
+                                                           new_tokens=1), attention, dtype)
+             for t in range(max(shape.new_tokens, 1))]
+    first, later = steps[0], steps[1:]
+    return dataclasses.replace(
+        first, decode_linear=sum(c.prefill_linear + c.vision + c.ranking for c in later),
+        decode_attention=sum(c.prefill_attention for c in later),
+        lm_head_decode=sum(c.lm_head_prefill for c in later), kv_cache_bytes=0, kv_cache_bytes_final=0)
