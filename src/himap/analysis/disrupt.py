@@ -176,22 +176,23 @@ def blocked_greedy(model, inputs: dict, first_logits, blocks_for, n_tokens: int)
     """Greedy tokens [B][n_tokens] generated the way the official code generates (use_cache=False):
     every step runs the whole sequence again, with `blocks_for(sets)` ({layer: bool [B, T, T]})
     rebuilt for the grown sequence's token sets (generated tokens count as instruction tokens).
-    `first_logits` [B, V] are step 0's (the prompt's last position under the same blocks). The
-    image token is never generated (it would be read as a new image position)."""
+    `first_logits` [B, V] are step 0's (the prompt's last position under the same blocks). Visual
+    token ids are never generated (they would be read as new image positions)."""
     import torch
 
+    from himap.prune.adapters import visual_token_ids
     from himap.prune.tokens import token_sets
 
-    image_id = model.config.image_token_id
+    visual = visual_token_ids(model)
+    never = torch.tensor(list(visual), device=first_logits.device)  # visual ids are never generated
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     logits, new = first_logits, []
     for step in range(n_tokens):
         if step:
-            sets = token_sets(ids, image_id, mask)
+            sets = token_sets(ids, visual, mask)
             logits = disrupted_logits(model, {**rest, "input_ids": ids, "attention_mask": mask}, blocks_for(sets))
-        nxt = logits.float().index_fill(-1, torch.tensor([image_id], device=logits.device),
-                                        float("-inf")).argmax(-1, keepdim=True)  # [B, 1]
+        nxt = logits.float().index_fill(-1, never, float("-inf")).argmax(-1, keepdim=True)  # [B, 1]
         new.append(nxt)
         ids = torch.cat([ids, nxt.to(ids.dtype)], dim=1)
         mask = torch.cat([mask, torch.ones_like(nxt, dtype=mask.dtype)], dim=1)
