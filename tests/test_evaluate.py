@@ -261,12 +261,12 @@ def _write_json(path, obj):
     return str(path.parent)
 
 
-def _published_format_data(name, shared_dir, tmp_path):
-    """A data folder for `name`: the real question files in shared/data where they exist, small
-    files in the published formats otherwise."""
-    real = {"pope": "pope", "scienceqa_img": "scienceqa", "llava_bench": "llava_bench", "mmvet": "mmvet"}
-    if name in real:
-        return os.path.join(shared_dir, "data", real[name])
+def _published_format_data(name, fixtures_dir, tmp_path):
+    """A data folder for `name`: the fixture files (tests/fixtures) where they exist, small files
+    in the published formats written here otherwise."""
+    fixture = {"pope": "pope", "scienceqa_img": "scienceqa", "llava_bench": "llava_bench", "mmvet": "mmvet"}
+    if name in fixture:
+        return os.path.join(fixtures_dir, fixture[name])
     if name == "aokvqa_mc":
         return _write_json(tmp_path / "aok" / "aokvqa_v1p0_val.json", [
             {"split": "val", "image_id": 461751 + i, "question_id": f"q{i}", "question": f"What is {i}?",
@@ -310,7 +310,7 @@ def _judge_reply(body):
 
 
 @pytest.mark.parametrize("name", sorted(__import__("himap.tasks", fromlist=["TASKS"]).TASKS))
-def test_eval_cli_end_to_end_every_task(name, tiny_model_dir, shared_dir, tmp_path, capsys, monkeypatch):
+def test_eval_cli_end_to_end_every_task(name, tiny_model_dir, fixtures_dir, tmp_path, capsys, monkeypatch):
     from judge_server import FakeJudgeServer
 
     from himap import cli
@@ -320,7 +320,7 @@ def test_eval_cli_end_to_end_every_task(name, tiny_model_dir, shared_dir, tmp_pa
         task = get_task(name)
     except ModuleNotFoundError:
         pytest.fail(f"task module for {name!r} is missing")
-    data = _published_format_data(name, shared_dir, tmp_path)
+    data = _published_format_data(name, fixtures_dir, tmp_path)
     kwargs = _make_images(task, data, str(tmp_path / "images"), 3)
     out = tmp_path / "out"
     argv = ["eval", "--model", tiny_model_dir, "--task", name, "--limit", "3", "--batch-size", "2",
@@ -359,14 +359,14 @@ def test_eval_cli_end_to_end_every_task(name, tiny_model_dir, shared_dir, tmp_pa
         {m: v["score"] for m, v in final["methods"].items()}
 
 
-def test_eval_cli_sharded_ranks_equal_one_process(tiny_model_dir, shared_dir, tmp_path, capsys, monkeypatch):
+def test_eval_cli_sharded_ranks_equal_one_process(tiny_model_dir, fixtures_dir, tmp_path, capsys, monkeypatch):
     """`himap eval` under RANK/WORLD_SIZE (what torchrun sets) with the tiny model: rank 1 then
     rank 0 (which merges) give the same predictions and summary as one process (timings aside).
     Two ranks running concurrently are covered by test_sharded_two_processes_equal_one_process."""
     from himap import cli
     from himap.tasks import get_task
 
-    data = os.path.join(shared_dir, "data", "pope")
+    data = os.path.join(fixtures_dir, "pope")
     _make_images(get_task("pope"), data, str(tmp_path / "images"), 5)
     args = ["eval", "--model", tiny_model_dir, "--task", "pope", "--data", data,
             "--image-dir", str(tmp_path / "images"), "--limit", "5", "--batch-size", "2",

@@ -15,8 +15,8 @@ def model_dir(tmp_path_factory):
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny_with_processor"), seed=3)
 
 
-def test_generate_prints_answer_and_statistics(model_dir, shared_dir, tmp_path, capsys):
-    image = os.path.join(shared_dir, "data", "images", "waterview.jpg")
+def test_generate_prints_answer_and_statistics(model_dir, image_files, tmp_path, capsys):
+    image = image_files[0]
     overlay = tmp_path / "kept.png"
     assert main(["generate", "--model", model_dir, "--image", image, "--prompt", "What is the color of the object?",
                  "--method", "himap", "--max-new-tokens", "4", "--save-kept", str(overlay)]) == 0
@@ -32,10 +32,10 @@ def test_generate_prints_answer_and_statistics(model_dir, shared_dir, tmp_path, 
     assert result["method"] == "himap+k=3,6+ratio=0.25,0.5"
 
 
-def test_batched_generation_equals_one_by_one(model_dir, shared_dir):
+def test_batched_generation_equals_one_by_one(model_dir, image_files):
     model, processor = load_model(model_dir)
     model.generation_config.eos_token_id = None
-    images = [os.path.join(shared_dir, "data", "images", f) for f in ("waterview.jpg", "extreme_ironing.jpg")]
+    images = image_files
     prompts = ["What is the color of the object?", "Is there a red square in the image?"]
     inputs = build_inputs(processor, images, prompts)
     assert inputs["attention_mask"][0, 0] == 0 or inputs["attention_mask"][1, 0] == 0  # left padded
@@ -47,8 +47,8 @@ def test_batched_generation_equals_one_by_one(model_dir, shared_dir):
     assert together == alone
 
 
-def test_generate_rejects_bad_stage_override(model_dir, shared_dir):
-    image = os.path.join(shared_dir, "data", "images", "waterview.jpg")
+def test_generate_rejects_bad_stage_override(model_dir, image_files):
+    image = image_files[0]
     with pytest.raises(ValueError, match="smaller than the number of decoder layers"):
         main(["generate", "--model", model_dir, "--image", image, "--prompt", "x", "--k", "2", "12"])
     with pytest.raises(ValueError, match=r"\[0, 1\)"):

@@ -83,21 +83,21 @@ def test_cache_means_a_rerun_pays_nothing(tmp_path):
         assert len(f.readlines()) == 2
 
 
-def test_judge_tasks_need_a_judge(shared_dir):
+def test_judge_tasks_need_a_judge(fixtures_dir):
     bench = get_task("llava_bench")
-    items = bench.load(os.path.join(shared_dir, "data", "llava_bench"), limit=1)
+    items = bench.load(os.path.join(fixtures_dir, "llava_bench"), limit=1)
     with pytest.raises(JudgeNotConfigured, match="--judge-base-url"):
-        bench.score(items, {"0": "Diamond Head"})
+        bench.score(items, {"0": "Red."})
     with pytest.raises(JudgeNotConfigured, match="both"):
-        bench.score(items, {"0": "Diamond Head"}, judge_base_url="http://x")
+        bench.score(items, {"0": "Red."}, judge_base_url="http://x")
 
 
 # --- LLaVA-Bench protocol ------------------------------------------------------------------------
 
 
-def test_llava_bench_review_protocol_and_relative_scores(shared_dir, tmp_path):
+def test_llava_bench_review_protocol_and_relative_scores(fixtures_dir, tmp_path):
     bench = get_task("llava_bench")
-    items = bench.load(os.path.join(shared_dir, "data", "llava_bench"), limit=6)
+    items = bench.load(os.path.join(fixtures_dir, "llava_bench"), limit=6)
     cats = {it.id: it.meta["category"] for it in items}
     assert sorted(set(cats.values())) == ["complex", "conv", "detail"]
     replies = {"conv": "8 6\nAssistant 2 is less precise.", "detail": "10,5\nShort.",
@@ -119,9 +119,9 @@ def test_llava_bench_review_protocol_and_relative_scores(shared_dir, tmp_path):
         assert body["messages"][0] == {"role": "system", "content": "You are a helpful and precise "
                                        "assistant for checking the quality of the answer."}
         assert body["messages"][1]["content"] == (
-            "[Context]\nAn aerial view of Diamond Head in the Hawaiian Islands.\n\n"
-            "[Question]\nWhat is the name of this famous sight in the photo?\n\n"
-            "[Assistant 1]\nThe famous sight in the photo is Diamond Head.\n\n[End of Assistant 1]\n\n"
+            "[Context]\nA red bicycle leaning against a white fence beside a flower bed.\n\n"
+            "[Question]\nWhat colour is the bicycle?\n\n"
+            "[Assistant 1]\nThe bicycle is red.\n\n[End of Assistant 1]\n\n"
             "[Assistant 2]\nanswer-0\n\n[End of Assistant 2]\n\n"
             "[System]\nWe would like to request your feedback on the performance of two AI assistants "
             "in response to the user question displayed above. The user asks the question on observing "
@@ -162,9 +162,9 @@ def test_parse_review_follows_llava():
 # --- MM-Vet protocol ---------------------------------------------------------------------------
 
 
-def test_mmvet_grader_protocol_and_scores(shared_dir, tmp_path):
+def test_mmvet_grader_protocol_and_scores(fixtures_dir, tmp_path):
     mmvet = get_task("mmvet")
-    items = mmvet.load(os.path.join(shared_dir, "data", "mmvet"), limit=4)
+    items = mmvet.load(os.path.join(fixtures_dir, "mmvet"), limit=4)
     preds = {items[0].id: "PRED_GOOD", items[1].id: "PRED_HALF", items[2].id: "PRED_RETRY",
              items[3].id: "PRED_BAD"}
 
@@ -182,7 +182,7 @@ def test_mmvet_grader_protocol_and_scores(shared_dir, tmp_path):
         assert first["temperature"] == 0.0 and first["max_tokens"] == 3
         assert len(first["messages"]) == 1 and first["messages"][0]["role"] == "user"
         assert first["messages"][0]["content"] == (
-            mmvet.GRADER_PROMPT + "\nWhat is x in the equation? | -1 <AND> -5 | PRED_GOOD | ")
+            mmvet.GRADER_PROMPT + "\nWhat number is written on the door? | 12 <OR> twelve | PRED_GOOD | ")
         assert first["messages"][0]["content"].startswith(
             "Compare the ground truth and prediction from AI models, to give a correctness score")
         bad = [r["body"] for r in server.requests

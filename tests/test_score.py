@@ -27,8 +27,8 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def test_project_jsonl_scored_per_method(shared_dir, tmp_path, capsys):
-    pope_dir = os.path.join(shared_dir, "data", "pope")
+def test_project_jsonl_scored_per_method(fixtures_dir, tmp_path, capsys):
+    pope_dir = os.path.join(fixtures_dir, "pope")
     items = get_task("pope").load(pope_dir, split="random", limit=4)  # labels yes, no, yes, no
     rows = []
     for it in items:
@@ -44,8 +44,8 @@ def test_project_jsonl_scored_per_method(shared_dir, tmp_path, capsys):
     res = summary["methods"]
     assert res["vanilla"]["accuracy"] == 100.0 and res["vanilla"]["splits"]["random"]["f1"] == 100.0
     assert res["himap"]["accuracy"] == 50.0 and res["himap"]["yes_ratio"] == 100.0
-    assert res["himap"]["missing"] == 2906  # the whole random split was loaded
-    assert "2906 of 2910 items have no prediction" in err
+    assert res["himap"]["missing"] == 2  # the whole random split was loaded
+    assert "2 of 6 items have no prediction" in err
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert table[0].startswith("| method | accuracy |")
     assert table[2].startswith("| vanilla | 100.00 |") and table[3].startswith("| himap | 50.00 |")
@@ -57,10 +57,10 @@ def test_project_jsonl_scored_per_method(shared_dir, tmp_path, capsys):
         assert json.load(f)["methods"]["himap"]["accuracy"] == 50.0
 
 
-def test_llava_answer_file(shared_dir, tmp_path, capsys):
+def test_llava_answer_file(fixtures_dir, tmp_path, capsys):
     """LLaVA's model_vqa_science answers: {question_id, prompt, text, answer_id, model_id},
     covering text-only questions too (ignored with a note)."""
-    sqa_dir = os.path.join(shared_dir, "data", "scienceqa")
+    sqa_dir = os.path.join(fixtures_dir, "scienceqa")
     items = get_task("scienceqa_img").load(sqa_dir, limit=4)
     texts = [items[0].answer, "The answer is " + items[1].answer + ".", "Z", "FAILED"]
     rows = [{"question_id": it.id, "prompt": it.prompt, "text": t, "answer_id": "x", "model_id": "llava"}
@@ -77,8 +77,8 @@ def test_llava_answer_file(shared_dir, tmp_path, capsys):
     assert list(last_json(out)["methods"]) == ["published"]
 
 
-def test_mmvet_results_json_and_llava_ids(shared_dir, tmp_path, capsys):
-    mmvet_dir = os.path.join(shared_dir, "data", "mmvet")
+def test_mmvet_results_json_and_llava_ids(fixtures_dir, tmp_path, capsys):
+    mmvet_dir = os.path.join(fixtures_dir, "mmvet")
     (tmp_path / "mmvet_results.json").write_text(json.dumps({"v1_0": "x = -1 or x = -5", "v1_1": "no idea"}))
     write_jsonl(tmp_path / "llava_mmvet.jsonl", [{"question_id": 0, "text": "x = -1 or x = -5"},
                                                  {"question_id": 1, "text": "no idea"}])
@@ -104,8 +104,8 @@ def test_mmvet_results_json_and_llava_ids(shared_dir, tmp_path, capsys):
         assert rc == 0 and os.path.exists(str(tmp_path / "mmvet_results.json") + ".judge_cache.jsonl")
 
 
-def test_errors_are_clear(shared_dir, tmp_path, capsys):
-    pope_dir = os.path.join(shared_dir, "data", "pope")
+def test_errors_are_clear(fixtures_dir, tmp_path, capsys):
+    pope_dir = os.path.join(fixtures_dir, "pope")
     rc, _, err = run(capsys, "--task", "vqa", "--data", pope_dir, "--predictions", "x.jsonl")
     assert rc == 2 and "unknown task" in err
     rc, _, err = run(capsys, "--task", "pope", "--data", pope_dir, "--predictions",
@@ -121,8 +121,8 @@ def test_errors_are_clear(shared_dir, tmp_path, capsys):
                                                  "task": "scienceqa_img"}])
     rc, _, err = run(capsys, "--task", "pope", "--data", pope_dir, "--predictions", other)
     assert rc == 2 and "for task 'scienceqa_img', not 'pope'" in err
-    llava_bench = os.path.join(shared_dir, "data", "llava_bench")
-    ok = write_jsonl(tmp_path / "lb.jsonl", [{"question_id": 0, "text": "Diamond Head"}])
+    llava_bench = os.path.join(fixtures_dir, "llava_bench")
+    ok = write_jsonl(tmp_path / "lb.jsonl", [{"question_id": 0, "text": "It is red."}])
     rc, _, err = run(capsys, "--task", "llava_bench", "--data", llava_bench, "--predictions", ok)
     assert rc == 2 and "--judge-base-url" in err
 

@@ -24,7 +24,7 @@ def test_parse_config_and_errors():
         S.parse_config({"model": "m", "tasks": ["t"]})
 
 
-def test_shipped_config_parses_and_covers_the_ablation_plans(shared_dir):
+def test_shipped_config_parses_and_covers_the_ablation_plans():
     from himap.cost.flops import ARCHS
 
     here = os.path.dirname(__file__)
@@ -110,13 +110,13 @@ def test_plan_rejects_schedules_that_do_not_fit(toy):
         S.plan(cfg, small)
 
 
-def test_sweep_cli_tiny_model(tiny_model_dir, shared_dir, tmp_path, capsys):
-    """`himap sweep CONFIG` on a tiny random model and the real POPE question files: results
+def test_sweep_cli_tiny_model(tiny_model_dir, fixtures_dir, tmp_path, capsys):
+    """`himap sweep CONFIG` on a tiny random model and the POPE fixture files: results
     tables, the plot and the final JSON line; --dry-run lists schedules without running."""
     from himap import cli
     from himap.tasks import get_task
 
-    data = os.path.join(shared_dir, "data", "pope")
+    data = os.path.join(fixtures_dir, "pope")
     _make_images(get_task("pope"), data, str(tmp_path / "img"), 2)
     config = tmp_path / "sweep.yaml"
     config.write_text(

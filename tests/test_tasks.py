@@ -1,5 +1,6 @@
-"""Task loaders on the real question files and on small files in the published formats, prompt
-snapshots (appendix E), and scoring with hand-built predictions."""
+"""Task loaders on small files in the published formats (tests/fixtures, and built here) and on
+the real question files when HIMAP_SHARED provides them; prompt snapshots (appendix E), and
+scoring with hand-built predictions."""
 
 import json
 import os
@@ -13,7 +14,13 @@ IMAGE_TASKS = ["scienceqa_img", "aokvqa_mc", "pope", "nocaps", "flickr30k", "lla
 
 
 def data(shared_dir, name):
+    """A benchmark's real files (HIMAP_SHARED/data/<name>)."""
     return os.path.join(shared_dir, "data", name)
+
+
+def fix(fixtures_dir, name):
+    """A benchmark's fixture files (tests/fixtures/<name>), in the published format."""
+    return os.path.join(fixtures_dir, name)
 
 
 def test_registry_lists_all_tasks_with_the_contract():
@@ -39,38 +46,58 @@ def test_default_methods_follow_table_3():
 # --- POPE --------------------------------------------------------------------------------------
 
 
+def test_pope_fixture_files(fixtures_dir):
+    pope = get_task("pope")
+    root = fix(fixtures_dir, "pope")
+    items = pope.load(root)
+    counts = {s: sum(it.meta["split"] == s for it in items) for s in pope.SPLITS}
+    assert counts == {"random": 6, "popular": 5, "adversarial": 5}
+    assert [it.id for it in items[:2]] == ["10000001", "10000002"] and items[-1].id == "5"
+    assert_llava_ids_agree(items, os.path.join(root, "llava_pope_test.jsonl"))
+    first = pope.load(root, split="random", limit=1)[0]
+    assert first.answer == "yes"
+    assert first.prompt == "question: Is there a kite in the image? Please just answer yes or no."
+    assert first.image == os.path.join(root, "val2014", "COCO_val2014_000000900001.jpg")
+
+
+def assert_llava_ids_agree(items, llava_file, step=1):
+    """Item ids and questions agree with LLaVA's question file, so its answer files score as-is."""
+    with open(llava_file) as f:
+        llava = {str(r["question_id"]): r for r in map(json.loads, f)}
+    assert len(llava) == len(items)
+    for it in items[::step]:
+        row = llava[it.id]
+        assert row["category"] == it.meta["split"]
+        assert row["text"].split("\n")[0] == it.meta["question"]
+        assert row["image"] == os.path.basename(it.image)
+
+
 def test_pope_real_files(shared_dir):
     pope = get_task("pope")
     items = pope.load(data(shared_dir, "pope"))
     counts = {s: sum(it.meta["split"] == s for it in items) for s in pope.SPLITS}
     assert counts == {"random": 2910, "popular": 3000, "adversarial": 3000}
     assert len({it.id for it in items}) == 8910
-    # ids and questions agree with LLaVA's question file, so its answer files score as-is
-    with open(os.path.join(data(shared_dir, "pope"), "llava_pope_test.jsonl")) as f:
-        llava = {str(r["question_id"]): r for r in map(json.loads, f)}
-    for it in items[::97]:
-        row = llava[it.id]
-        assert row["category"] == it.meta["split"]
-        assert row["text"].split("\n")[0] == it.meta["question"]
-        assert row["image"] == os.path.basename(it.image)
+    assert_llava_ids_agree(items, os.path.join(data(shared_dir, "pope"), "llava_pope_test.jsonl"), step=97)
     first = pope.load(data(shared_dir, "pope"), split="random", limit=1)[0]
     assert first.id == "10000001" and first.answer == "yes"
     assert first.prompt == "question: Is there a snowboard in the image? Please just answer yes or no."
     assert first.image.endswith(os.path.join("val2014", "COCO_val2014_000000310196.jpg"))
 
 
-def test_pope_limit_spreads_over_splits(shared_dir):
-    items = get_task("pope").load(data(shared_dir, "pope"), limit=10)
+def test_pope_limit_spreads_over_splits(fixtures_dir):
+    root = fix(fixtures_dir, "pope")
+    items = get_task("pope").load(root, limit=10)
     assert len(items) == 10
     assert [it.meta["split"] for it in items] == ["random"] * 4 + ["popular"] * 4 + ["adversarial"] * 2
-    assert len(get_task("pope").load(data(shared_dir, "pope"), split="popular,adversarial", limit=3)) == 3
+    assert len(get_task("pope").load(root, split="popular,adversarial", limit=3)) == 3
     with pytest.raises(DataError, match="unknown split"):
-        get_task("pope").load(data(shared_dir, "pope"), split="hard")
+        get_task("pope").load(root, split="hard")
 
 
-def test_pope_score_hand_built(shared_dir):
+def test_pope_score_hand_built(fixtures_dir):
     pope = get_task("pope")
-    items = pope.load(data(shared_dir, "pope"), split="random,adversarial", limit=8)
+    items = pope.load(fix(fixtures_dir, "pope"), split="random,adversarial", limit=8)
     # random: first 4 labels yes, no, yes, no; adversarial likewise
     assert [it.answer for it in items] == ["yes", "no", "yes", "no"] * 2
     texts = ["Yes, there is.", "No.", "There is not a person.", "no",  # random: 3 of 4
@@ -95,6 +122,24 @@ def test_pope_score_hand_built(shared_dir):
 # --- ScienceQA ---------------------------------------------------------------------------------
 
 
+def test_scienceqa_fixture_file_and_prompt(fixtures_dir):
+    sqa = get_task("scienceqa_img")
+    root = fix(fixtures_dir, "scienceqa")
+    items = sqa.load(root)
+    assert [it.id for it in items] == ["2", "3", "5", "6", "7"]  # the questions with an image
+    by_id = {it.id: it for it in items}
+    it = by_id["2"]
+    assert it.prompt == ("Which shape is drawn in the picture?\nA. circle\nB. square\n"
+                         "Answer with the option's letter from the given choices directly.")
+    assert it.answer == "A" and it.meta["options"] == ["circle", "square"]
+    assert it.image == os.path.join(root, "images", "test", "2", "image.png")
+    ctx = by_id["3"]
+    assert ctx.prompt.startswith("Context: The picture shows a glass of water")
+    assert ctx.meta["question"].endswith("What will happen to the water over a week?")
+    assert ctx.meta["n_options"] == 3 and ctx.answer == "B"
+    assert [by_id[i].meta["n_options"] for i in ("5", "6")] == [4, 5]
+
+
 def test_scienceqa_real_file_and_prompt_snapshot(shared_dir):
     sqa = get_task("scienceqa_img")
     items = sqa.load(data(shared_dir, "scienceqa"))
@@ -111,9 +156,9 @@ def test_scienceqa_real_file_and_prompt_snapshot(shared_dir):
     assert all(i.answer in "ABCDE"[: i.meta["n_options"]] for i in items)
 
 
-def test_scienceqa_score_llava_rule(shared_dir):
+def test_scienceqa_score_llava_rule(fixtures_dir):
     sqa = get_task("scienceqa_img")
-    items = sqa.load(data(shared_dir, "scienceqa"), limit=5)
+    items = sqa.load(fix(fixtures_dir, "scienceqa"), limit=5)
     golds = [it.answer for it in items]
     wrong = {"A": "B", "B": "A", "C": "A", "D": "A", "E": "A"}
     texts = [golds[0],  # right
@@ -130,6 +175,17 @@ def test_scienceqa_score_llava_rule(shared_dir):
 # --- LLaVA-Bench and MM-Vet (loading; judge scoring is in test_judge.py) ----------------------
 
 
+def test_llava_bench_fixture_files(fixtures_dir):
+    items = get_task("llava_bench").load(fix(fixtures_dir, "llava_bench"))
+    assert [it.id for it in items] == [str(i) for i in range(7)]
+    cats = [it.meta["category"] for it in items]
+    assert (cats.count("conv"), cats.count("detail"), cats.count("complex")) == (3, 2, 2)
+    first = items[0]
+    assert first.prompt == "What colour is the bicycle?" and first.answer == "The bicycle is red."
+    assert first.meta["caption"] == "A red bicycle leaning against a white fence beside a flower bed."
+    assert first.image == os.path.join(fix(fixtures_dir, "llava_bench"), "images", "001.jpg")
+
+
 def test_llava_bench_real_files(shared_dir):
     items = get_task("llava_bench").load(data(shared_dir, "llava_bench"))
     assert len(items) == 60
@@ -141,13 +197,27 @@ def test_llava_bench_real_files(shared_dir):
     assert first.meta["caption"] == "An aerial view of Diamond Head in the Hawaiian Islands."
 
 
+def test_mmvet_fixture_files_and_images(fixtures_dir):
+    mmvet = get_task("mmvet")
+    items = mmvet.load(fix(fixtures_dir, "mmvet"))
+    assert [it.id for it in items] == [f"v1_{i}" for i in range(6)]
+    assert items[1].prompt == "What is the sum of the two numbers on the board?" and items[1].answer == "9"
+    assert items[1].meta["capability"] == ["ocr", "math"]
+    assert mmvet.canonical_id(0) == "v1_0" and mmvet.canonical_id("v1_7") == "v1_7"
+    # two image files ship with the fixture (three questions use them): the rest are missing
+    missing = missing_images(items)
+    assert [it.id for it in missing] == ["v1_1", "v1_3", "v1_4"]
+    with pytest.raises(DataError, match="3 of 6 items have no image file"):
+        check_images(items)
+    check_images([it for it in items if it not in missing])  # no error
+
+
 def test_mmvet_real_files_and_images(shared_dir):
     mmvet = get_task("mmvet")
     items = mmvet.load(data(shared_dir, "mmvet"))
     assert len(items) == 218 and items[0].id == "v1_0"
     assert items[0].prompt == "What is x in the equation?" and items[0].answer == "-1<AND>-5"
     assert items[0].meta["capability"] == ["ocr", "math"]
-    assert mmvet.canonical_id(0) == "v1_0" and mmvet.canonical_id("v1_7") == "v1_7"
     # 8 image files ship with the shared data (9 questions use them): the rest are missing
     shipped = set(os.listdir(os.path.join(data(shared_dir, "mmvet"), "images")))
     assert len(shipped) == 8
@@ -161,15 +231,15 @@ def test_mmvet_real_files_and_images(shared_dir):
     assert {os.path.basename(it.image) for it in present} == shipped
 
 
-def test_missing_files_explain_where_to_get_them(tmp_path, shared_dir):
+def test_missing_files_explain_where_to_get_them(tmp_path, fixtures_dir):
     with pytest.raises(DataError, match="coco_pope_random.json"):
         get_task("pope").load(str(tmp_path))
     with pytest.raises(DataError, match="does not exist"):
         get_task("mmvet").load(str(tmp_path / "nowhere"))
     # questions load without any image; the image folder can be given explicitly
-    items = get_task("pope").load(data(shared_dir, "pope"), split="random", limit=2,
+    items = get_task("pope").load(fix(fixtures_dir, "pope"), split="random", limit=2,
                                   image_dir=str(tmp_path))
-    assert items[0].image == os.path.join(str(tmp_path), "COCO_val2014_000000310196.jpg")
+    assert items[0].image == os.path.join(str(tmp_path), "COCO_val2014_000000900001.jpg")
     assert len(missing_images(items)) == 2
 
 
@@ -298,3 +368,21 @@ def test_a_task_without_its_data_folder_fails_clearly(tmp_path):
         with pytest.raises(DataError, match=f"task '{task.NAME}' needs its data folder"):
             require_data(task, None)
     assert main(["eval", "--model", "builtin", "--task", "mmvet", "--out", str(tmp_path)]) == 2
+
+
+def test_a_wrong_himap_shared_is_explained(tmp_path, fixtures_dir):
+    from conftest import shared_problem
+
+    assert "is not a folder" in shared_problem(str(tmp_path / "nowhere"))
+    data = tmp_path / "shared" / "data"
+    for sub in ("pope", "scienceqa", "llava_bench", "mmvet"):
+        (data / sub).mkdir(parents=True)
+    message = shared_problem(str(data))  # the data folder itself instead of its parent
+    assert "lacks data/pope/coco_pope_random.json" in message
+    assert f"set HIMAP_SHARED={str(tmp_path / 'shared')!r}" in message
+    # a folder laid out like the real one passes
+    import shutil
+
+    good = tmp_path / "good"
+    shutil.copytree(fixtures_dir, good / "data")
+    assert shared_problem(str(good)) is None
