@@ -13,12 +13,12 @@ from himap.analysis.data import (
     blank_image,
     drop_image_tokens,
     load_items,
-    read_ids,
     sample_seed,
 )
 from himap.analysis.filter import FilterConfig, filter_batch, first_tokens
 from himap.cli import main
 from himap.models.testing import IMAGE_TOKEN_ID, PAD_TOKEN_ID
+from himap.tasks.base import read_ids
 
 N_LAYERS = 4
 

@@ -177,11 +177,11 @@ def test_summary_files_and_costs(toy, tmp_path):
     on_disk = json.load(open(os.path.join(res.directory, "summary.json")))
     assert on_disk == res.summaries
     md = open(os.path.join(res.directory, "summary.md")).read()
-    assert md == res.markdown and "| himap | 66.67 | 0.735 | 25% |" in md
+    assert md == res.markdown and "| himap | 66.67 | 12 | 0.735 | 25% |" in md
     # no cost model: the table says so rather than printing a number
     none = E.evaluate(_cfg(tmp_path / "b"), [PRESETS["himap"]], fake.factory([]), arch=None)
     assert none.summaries[0]["tflops_paper"] is None and "unavailable" in none.summaries[0]["flops_note"]
-    assert "| himap | 66.67 | unavailable | unavailable | unavailable |" in none.markdown
+    assert "| himap | 66.67 | 12 | unavailable | unavailable | unavailable |" in none.markdown
 
 
 def test_scoring_failure_is_reported_not_hidden(toy, tmp_path, monkeypatch):
@@ -395,3 +395,74 @@ def test_eval_cli_sharded_ranks_equal_one_process(tiny_model_dir, fixtures_dir, 
     s1, s2 = (json.load(open(os.path.join(E.run_dir(str(tmp_path / d), "pope", None), "summary.json")))
               for d in ("one", "two"))
     assert _timeless(s1) == _timeless(s2)
+
+
+# ---------------------------------------------------------------- choosing items: --ids, --skip-missing
+
+def test_eval_ids_and_skip_missing(tiny_model_dir, fixtures_dir, tmp_path, capsys):
+    """--ids picks items; --skip-missing runs the items whose image exists and says how many it
+    left out; without it the run is refused with a hint; --limit applies to what remains."""
+    from PIL import Image
+
+    from himap import cli
+    from himap.tasks import get_task
+
+    data = os.path.join(fixtures_dir, "pope")
+    images = tmp_path / "images"
+    images.mkdir()
+    items = get_task("pope").load(data, image_dir=str(images))
+    present = [it for it in items if it.image.endswith("900001.jpg")]  # 2 questions per split share it
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(present[0].image)
+    base = ["eval", "--model", tiny_model_dir, "--task", "pope", "--data", data, "--image-dir", str(images),
+            "--method", "vanilla", "--max-new-tokens", "2", "--no-progress", "--batch-size", "4"]
+    rc = cli.main(base + ["--out", str(tmp_path / "refused")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "10 of 16 items have no image file" in err and "--skip-missing" in err
+
+    assert cli.main(base + ["--out", str(tmp_path / "skip"), "--skip-missing"]) == 0
+    out, err = capsys.readouterr()
+    final = json.loads(out.strip().splitlines()[-1])
+    assert final["n_items"] == 6 and final["skipped_missing"] == 10
+    assert "--skip-missing left out 10 of 16 items" in err
+    ran = [json.loads(l)["id"] for l in open(E.prediction_path(E.run_dir(str(tmp_path / "skip"), "pope", None), "vanilla"))]
+    assert sorted(ran) == sorted(it.id for it in present)
+
+    assert cli.main(base + ["--out", str(tmp_path / "limit"), "--skip-missing", "--limit", "3"]) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final["n_items"] == 3 and final["methods"]["vanilla"]["n_items"] == 3  # one per split
+
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([present[0].id, present[-1].id, "no-such-id"]))
+    assert cli.main(base + ["--out", str(tmp_path / "ids"), "--ids", str(ids)]) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final["n_items"] == 2 and final["skipped_missing"] == 0
+    ids.write_text(json.dumps(["v1_0"]))
+    assert cli.main(base + ["--out", str(tmp_path / "ids"), "--ids", str(ids)]) == 2
+    assert "none of the 1 ids in" in capsys.readouterr().err
+
+
+def test_builtin_model_runs_the_caption_preset_scaled_to_its_depth(fixtures_dir, tmp_path, capsys):
+    """himap-caption's K2 = 15 does not fit the built-in model's 10 layers: it is scaled to
+    K = (1, 5) with a note, and mmvet runs on the items whose image ships with the fixture."""
+    from himap import cli
+    from himap.prune.schedule import fit_to_depth
+
+    assert fit_to_depth(PRESETS["himap"], 10) is PRESETS["himap"]  # fits: unchanged
+    scaled = fit_to_depth(PRESETS["himap-caption"], 10)
+    assert [(s.k, s.ratio, s.criterion) for s in scaled.stages] == [(1, 0.5, "phi_sh"), (5, 0.75, "phi_dp")]
+    assert [s.k for s in fit_to_depth(PRESETS["himap-13b-caption"], 10).stages] == [1, 4]  # 3, 15 of 40 layers
+    # 8 and 9 of 32 layers both round to 1 of 4: the second is raised to stay strictly increasing
+    assert [s.k for s in fit_to_depth(Schedule((Stage(8, 0.5), Stage(9, 0.5))), 4).stages] == [1, 2]
+    with pytest.raises(ValueError, match="cannot be scaled"):
+        fit_to_depth(Schedule((Stage(1, 0.5), Stage(2, 0.5), Stage(3, 0.5))), 3)
+
+    argv = ["eval", "--model", "builtin", "--task", "mmvet", "--data", os.path.join(fixtures_dir, "mmvet"),
+            "--skip-missing", "--max-new-tokens", "4", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "note: himap-caption: K=(2, 15) does not fit this model's 10 decoder layers; scaled to its depth: K=(1, 5)" in err
+    final = json.loads(out.strip().splitlines()[-1])
+    assert list(final["methods"]) == ["vanilla", "himap-caption"] and final["n_items"] == 3
+    summary = json.load(open(os.path.join(E.run_dir(str(tmp_path), "mmvet", None), "summary.json")))
+    assert [s["k"] for s in summary[1]["schedule"]] == [1, 5]
+    assert summary[1]["score"] is None and "judge" in summary[1]["scores"]["error"]  # no judge given: scored later

@@ -24,6 +24,8 @@ def test_generate_prints_answer_and_statistics(model_dir, image_files, tmp_path,
     assert "image tokens per layer:     64 x2, 32 x6, 8 x2" in out
     assert "stage 2 kept image tokens (8)" in out
     assert overlay.exists()
+    _assert_titled_panels(str(overlay), panels=3)  # the input, stage 1, stage 2
+    assert "himap generate: " in out.strip().splitlines()[-1]  # the one-line summary comes last
     assert main(["generate", "--model", model_dir, "--image", image, "--prompt", "What is it?",
                  "--method", "himap", "--k", "3", "6", "--ratio", "0.25", "0.5", "--max-new-tokens", "2",
                  "--json"]) == 0
@@ -47,9 +49,36 @@ def test_batched_generation_equals_one_by_one(model_dir, image_files):
     assert together == alone
 
 
-def test_generate_rejects_bad_stage_override(model_dir, image_files):
+def test_generate_rejects_bad_stage_override(model_dir, image_files, capsys):
     image = image_files[0]
-    with pytest.raises(ValueError, match="smaller than the number of decoder layers"):
-        main(["generate", "--model", model_dir, "--image", image, "--prompt", "x", "--k", "2", "12"])
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        main(["generate", "--model", model_dir, "--image", image, "--prompt", "x", "--ratio", "1.0"])
+    assert main(["generate", "--model", model_dir, "--image", image, "--prompt", "x", "--k", "2", "12"]) == 2
+    assert "--k 12: the model has 10 decoder layers" in capsys.readouterr().err
+    assert main(["generate", "--model", model_dir, "--image", image, "--prompt", "x", "--ratio", "1.0"]) == 2
+    assert "[0, 1)" in capsys.readouterr().err
+
+
+def _assert_titled_panels(path, panels, size=336):
+    """The overlay has one panel per stage plus the input, each with a title (dark text pixels
+    in the strip above it)."""
+    import numpy as np
+    from PIL import Image
+
+    from himap.analysis.overlay import TITLE_HEIGHT
+
+    pixels = np.asarray(Image.open(path).convert("L"))
+    assert pixels.shape == (size + TITLE_HEIGHT, panels * size + 8 * (panels - 1))
+    for p in range(panels):
+        strip = pixels[:TITLE_HEIGHT, p * (size + 8):p * (size + 8) + size]
+        assert (strip < 100).sum() > 20, f"panel {p} has no title"
+
+
+def test_overlay_titles_name_each_stage():
+    from PIL import Image
+
+    from himap.analysis.overlay import kept_overlay
+
+    image = Image.new("RGB", (64, 64), (128, 128, 128))
+    out = kept_overlay(image, 16, [list(range(8)), [0, 1]], size=96, titles=["in", "stage 1", "stage 2"])
+    assert out.size == (96 * 3 + 16, 96 + 24)
+    with pytest.raises(ValueError, match="2 titles for 3 panels"):
+        kept_overlay(image, 16, [list(range(8)), [0, 1]], size=96, titles=["a", "b"])

@@ -1,6 +1,7 @@
 """The judge client against a local chat-completions server: request format, key, retries with
 backoff, cache; LLaVA-Bench and MM-Vet grading protocols end to end."""
 
+import json
 import os
 
 import pytest
@@ -56,12 +57,17 @@ def test_retries_with_backoff_then_succeeds():
     assert sleeps == [2.0, 4.0]
 
 
-def test_gives_up_after_retries_and_fails_fast_on_auth():
+def test_gives_up_after_retries_and_fails_fast_on_auth(capsys):
     with FakeJudgeServer(lambda body: (429, "rate limited")) as server:
         judge = make_judge(server, retries=2)
         with pytest.raises(JudgeError, match="failed 3 times"):
             judge.complete([{"role": "user", "content": "q"}])
         assert len(server.requests) == 3
+    # each retry is announced (an unreachable judge is not a silent minute)
+    err = capsys.readouterr().err.splitlines()
+    detail = json.dumps({"error": {"message": "rate limited"}})
+    assert err == [f"judge: {server.url}/chat/completions failed (HTTP 429: {detail}); retry {i} of 2 in {2 ** i:g} s"
+                   for i in (1, 2)]
     with FakeJudgeServer(lambda body: (401, "bad key")) as server:
         judge = make_judge(server, api_key_env="HIMAP_TEST_NO_SUCH_KEY")
         with pytest.raises(JudgeError, match=r"HTTP 401 \(is \$HIMAP_TEST_NO_SUCH_KEY set\?\)"):

@@ -138,3 +138,45 @@ def test_read_predictions_formats(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps({"v1_0": 3}))
     with pytest.raises(DataError, match="not text"):
         read_predictions(str(tmp_path / "d.json"))
+
+
+def test_shapes_needs_no_data_and_renders_no_image(tmp_path, monkeypatch, capsys):
+    from himap.tasks import shapes
+
+    monkeypatch.setenv("HIMAP_CACHE", str(tmp_path / "cache"))
+    items = shapes.load(None, split="mc,pope", limit=4, render=False)
+    rows = [{"id": it.id, "prediction": it.answer, "method": "gold", "task": "shapes"} for it in items]
+    path = write_jsonl(tmp_path / "gold.jsonl", rows)
+    rc, out, err = run(capsys, "--task", "shapes", "--split", "mc,pope", "--predictions", path)
+    assert rc == 0, err
+    res = last_json(out)["methods"]["gold"]
+    assert res["accuracy"] == 100.0 and res["n"] == 4 and res["missing"] == 396
+    assert not (tmp_path / "cache").exists()  # scoring rendered nothing
+    # the table's n says what the metric covers: captions are not in `accuracy`
+    caps = shapes.load(None, split="caption", limit=2, render=False)
+    rows += [{"id": it.id, "prediction": it.answer[0], "method": "gold", "task": "shapes"} for it in caps]
+    path = write_jsonl(tmp_path / "gold.jsonl", rows)
+    rc, out, err = run(capsys, "--task", "shapes", "--predictions", path)
+    assert rc == 0, err
+    assert "| gold | 100.00 |" in out and "| 4 of 6 | 594 |" in out
+
+
+def test_another_tasks_answers_are_refused(fixtures_dir, tmp_path, capsys):
+    """A ScienceQA answer file scored as pope (ids that happen to overlap, no yes/no at all) is an
+    error, not a score; mostly-unreadable answers only warn."""
+    pope_dir = os.path.join(fixtures_dir, "pope")
+    ids = [it.id for it in get_task("pope").load(pope_dir)]
+    letters = write_jsonl(tmp_path / "sqa.jsonl", [{"question_id": i, "text": "B"} for i in ids[:5]])
+    rc, out, err = run(capsys, "--task", "pope", "--data", pope_dir, "--predictions", letters)
+    assert rc == 2 and out == ""
+    assert "none of the 5 predictions for pope items reads as a yes/no answer" in err
+    assert "another task's answer file" in err
+    sqa_dir = os.path.join(fixtures_dir, "scienceqa")
+    sqa_ids = [it.id for it in get_task("scienceqa_img").load(sqa_dir)]
+    yes_no = write_jsonl(tmp_path / "yes.jsonl", [{"question_id": i, "text": "Yes"} for i in sqa_ids])
+    rc, _, err = run(capsys, "--task", "scienceqa_img", "--data", sqa_dir, "--predictions", yes_no)
+    assert rc == 2 and "reads as an option letter" in err
+    mostly = write_jsonl(tmp_path / "m.jsonl", [{"question_id": i, "text": t}
+                                               for i, t in zip(ids[:5], ["Yes", "?", "?", "?", "No"])])
+    rc, out, err = run(capsys, "--task", "pope", "--data", pope_dir, "--predictions", mostly)
+    assert rc == 0 and "only 2 of 5 predictions read as a yes/no answer" in err

@@ -31,6 +31,8 @@ def read_jsonl_items(path: str) -> list:
         if missing or not isinstance(row, dict):
             raise DataError(f"{path}: row {n} lacks {missing or 'an object'}; rows are "
                             '{"id"?, "image", "question", "answer"}')
+        if not isinstance(row["question"], str) or not row["question"].strip():
+            raise DataError(f"{path}: row {n} has an empty question")
         item_id = str(row.get("id", n))
         if item_id in seen:
             raise DataError(f"{path}: duplicate id {item_id!r} (row {n})")
@@ -42,32 +44,11 @@ def read_jsonl_items(path: str) -> list:
     return items
 
 
-def read_ids(path: str) -> list[str]:
-    """Sample ids from a JSON list (of ids or {"id": ...} objects) or a JSONL of either."""
-    from himap.tasks.base import DataError, read_json_or_jsonl
-
-    if not os.path.isfile(path):
-        raise DataError(f"ids file {path!r} does not exist")
-    data = read_json_or_jsonl(path)
-    if isinstance(data, dict) and "ids" in data:
-        data = data["ids"]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of ids (or JSON lines)")
-    ids = []
-    for x in data:
-        if isinstance(x, dict):
-            if "id" not in x:
-                raise DataError(f"{path}: entry {x!r} has no 'id'")
-            x = x["id"]
-        ids.append(str(x))
-    return ids
-
-
 def load_items(task: str | None = None, data_dir: str | None = None, split: str | None = None,
                jsonl: str | None = None, limit: int | None = None, ids_file: str | None = None) -> list:
     """The samples to analyse: a task's items or a JSONL's, restricted to the ids in `ids_file`
     (when given) and then to the first `limit`."""
-    from himap.tasks.base import DataError
+    from himap.tasks.base import read_ids, select_ids
 
     if (task is None) == (jsonl is None):
         raise ValueError("give exactly one of a task (--task) or a samples file (--jsonl)")
@@ -80,11 +61,7 @@ def load_items(task: str | None = None, data_dir: str | None = None, split: str 
     else:
         items = read_jsonl_items(jsonl)
     if ids_file:
-        wanted = set(read_ids(ids_file))
-        items = [it for it in items if it.id in wanted]
-        if wanted and not items:
-            raise DataError(f"none of the {len(wanted)} ids in {ids_file} is among the samples "
-                            "(wrong task, split or file?)")
+        items = select_ids(items, read_ids(ids_file), ids_file)
     if limit is not None:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
@@ -148,23 +125,12 @@ def sample_seed(seed: int, item_id: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(str(item_id).encode())) % (2**31 - 1)
 
 
-def open_image(path: str):
-    from PIL import Image
-
-    from himap.tasks.base import DataError
-
-    if not os.path.isfile(path):
-        raise DataError(f"image file {path!r} not found")
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
 def build_batch(processor, items: list, device="cpu", dtype=None, prompt_format: str = "hf") -> dict:
     """Model inputs (left-padded, in `prompt_format`, pixel values in `dtype`) for items with
     images, via himap.models.loading.build_inputs."""
-    from himap.models.loading import build_inputs
+    from himap.models.loading import build_inputs, load_image
 
-    images = [open_image(it.image) for it in items]
+    images = [load_image(it.image) for it in items]
     return build_inputs(processor, images, [it.prompt for it in items], device=device, dtype=dtype,
                         prompt_format=prompt_format)
 
@@ -245,14 +211,16 @@ class ResultFile:
 
 def check_run_settings(out_dir: str, settings: dict, overwrite: bool = False) -> None:
     """Record the run's settings in out_dir/run.json; a rerun with other settings raises (its
-    results would mix with the old ones) unless `overwrite` clears the folder's results."""
+    results would mix with the old ones) unless `overwrite` clears the folder's results. Settings
+    of a run that wrote no result (it failed before its first sample) protect nothing and are
+    replaced."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "run.json")
     if overwrite:
         for name in ("samples.jsonl", "summary.json", "run.json"):
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
-    if os.path.exists(path):
+    if os.path.exists(path) and ResultFile(os.path.join(out_dir, "samples.jsonl")).records:
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
@@ -261,8 +229,7 @@ def check_run_settings(out_dir: str, settings: dict, overwrite: bool = False) ->
             raise ValueError(f"{out_dir} holds a run with other settings ({shown}); "
                              "use another --out or --overwrite")
         return
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(settings, f, indent=2)
+    write_json(path, settings)
 
 
 def write_json(path: str, data) -> None:

@@ -86,7 +86,7 @@ def add_arguments(parser) -> None:
 
 
 def _common(p, name: str) -> None:
-    from himap.cli.common import add_model_arguments, add_prompt_format_argument
+    from himap.cli.common import add_model_arguments, add_prompt_format_argument, nonnegative_int, positive_int
 
     add_model_arguments(p)
     if name == "filter":
@@ -101,11 +101,12 @@ def _common(p, name: str) -> None:
     p.add_argument("--split", help="the task's split(s)")
     p.add_argument("--ids", metavar="FILE",
                    help="only these sample ids (JSON list or JSONL, e.g. filter's kept_ids.json)")
-    p.add_argument("--limit", type=int, help="first N samples (after --ids)")
+    p.add_argument("--limit", type=nonnegative_int, help="first N samples (after --ids)")
     p.add_argument("--out", default=os.path.join("runs", f"analyze-{name}"), help="output folder")
-    p.add_argument("--batch-size", type=int, default=1, help="samples per forward")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="samples per forward")
     p.add_argument("--overwrite", action="store_true", help="discard results already in --out")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def parse_layers(spec: str, num_layers: int) -> tuple[int, ...] | None:
@@ -169,60 +170,50 @@ def _safe(name: str) -> str:
 
 
 def main(args) -> int:
-    from himap.analysis.data import ResultFile, check_run_settings, load_items
-    from himap.tasks.base import DataError, check_images
+    from tqdm import tqdm
 
-    try:
-        if args.batch_size < 1:
-            raise ValueError("--batch-size must be >= 1")
-        resolve_reference(args)
-        items = load_items(task=args.task, data_dir=args.data_dir, split=args.split, jsonl=args.jsonl,
-                           limit=args.limit, ids_file=args.ids)
-        needs_answer = not (args.analysis == "saliency" and args.target == "greedy")
-        if needs_answer:
-            bad = [it.id for it in items if not isinstance(it.answer, (str, int, float)) or isinstance(it.answer, bool)]
-            if bad:
-                raise ValueError(f"first-token analysis needs short text answers; {len(bad)} sample(s) have "
-                                 f"others (e.g. id {bad[0]}: {type(items[0].answer).__name__}); "
-                                 "use --target greedy for saliency")
-        check_images([it for it in items if it.image is not None])
-        check_run_settings(args.out, _settings(args), overwrite=args.overwrite)
-    except (ValueError, DataError, KeyError) as err:
-        print(f"himap analyze {args.analysis}: {err}", file=sys.stderr)
-        return 2
+    from himap.analysis.data import ResultFile, check_run_settings, load_items, write_json
+    from himap.cli.common import check_model_arguments, note
+    from himap.tasks.base import check_images
+
+    check_model_arguments(args)  # a model that cannot load fails before anything is read or written
+    resolve_reference(args)
+    items = load_items(task=args.task, data_dir=args.data_dir, split=args.split, jsonl=args.jsonl,
+                       limit=args.limit, ids_file=args.ids)
+    needs_answer = not (args.analysis == "saliency" and args.target == "greedy")
+    if needs_answer:
+        bad = [it for it in items if not isinstance(it.answer, (str, int, float)) or isinstance(it.answer, bool)]
+        if bad:
+            raise ValueError(f"first-token analysis needs short text answers; {len(bad)} sample(s) have "
+                             f"others (e.g. id {bad[0].id}: {type(bad[0].answer).__name__}); "
+                             "use --target greedy for saliency")
+    check_images([it for it in items if it.image is not None])
+    check_run_settings(args.out, _settings(args), overwrite=args.overwrite)
     results = ResultFile(os.path.join(args.out, "samples.jsonl"))
     todo = [it for it in items if it.id not in results]
     computed = 0
     if todo:
-        from tqdm import tqdm
-
+        note(f"loading {args.model} ...")
         model, processor, device = _load_model(args)
         step = {"saliency": _saliency_batch, "disrupt": _disrupt_batch, "filter": _filter_batch}[args.analysis]
         with_image = [it for it in todo if it.image is not None]
         for it in todo:
             if it.image is None:
                 results.append({"id": it.id, "skipped": "no image"})
-        bar = tqdm(total=len(with_image), desc=f"analyze {args.analysis}", unit="sample", file=sys.stderr)
-        try:
+        with tqdm(total=len(with_image), desc=f"analyze {args.analysis}", unit="sample", file=sys.stderr,
+                  disable=args.no_progress) as bar:
             for i in range(0, len(with_image), args.batch_size):
                 batch = with_image[i:i + args.batch_size]
                 for rec in step(args, model, processor, device, batch):
                     results.append(rec)
                 computed += len(batch)
                 bar.update(len(batch))
-        except (ValueError, DataError) as err:
-            print(f"himap analyze {args.analysis}: {err}", file=sys.stderr)
-            return 2
-        finally:
-            bar.close()
     records = [results.records[it.id] for it in items]
     done = [r for r in records if "skipped" not in r]
     summary = {"analysis": args.analysis, "settings": _settings(args), "n_samples": len(items),
                "n_skipped": len(records) - len(done),
                **{"saliency": _saliency_summary, "disrupt": _disrupt_summary,
                   "filter": _filter_summary}[args.analysis](args, done)}
-    from himap.analysis.data import write_json
-
     write_json(os.path.join(args.out, "summary.json"), summary)
     figures = [] if args.no_plots or not done else _plots(args, summary)
     n_skipped = len(records) - len(done)

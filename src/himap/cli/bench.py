@@ -11,8 +11,8 @@ line holding the whole summary. `--json-out FILE` appends one line per run as it
 from __future__ import annotations
 
 import json
-import sys
 
+from himap.cli.common import check_output_path, nonnegative_int, positive_int
 from himap.cost.bench import BenchConfig
 from himap.cost.flops import ARCHS
 
@@ -35,8 +35,8 @@ def add_arguments(parser) -> None:
                         help="weights dtype (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
                         help="decoder attention implementation (kept while pruning)")
-    parser.add_argument("--reps", type=int, default=_DEFAULT.reps, help="measured rounds")
-    parser.add_argument("--warmup", type=int, default=_DEFAULT.warmup, help="unmeasured rounds first")
+    parser.add_argument("--reps", type=positive_int, default=_DEFAULT.reps, help="measured rounds")
+    parser.add_argument("--warmup", type=nonnegative_int, default=_DEFAULT.warmup, help="unmeasured rounds first")
     parser.add_argument("--prompt-tokens", type=int, nargs=2, metavar=("SYSTEM", "INSTRUCTION"),
                         default=(_DEFAULT.n_system, _DEFAULT.n_instruction),
                         help="text tokens before (BOS included) and after the image (default: LLaVA-1.5's counts "
@@ -44,9 +44,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--uncached", action="store_true",
                         help="also run every method as the official HiMAP code generates (no KV cache: each new "
                              "token re-runs the whole sequence and ranks again), labelled METHOD/nocache")
-    parser.add_argument("--new-tokens", type=int, default=_DEFAULT.new_tokens, help="generated tokens per example")
-    parser.add_argument("--batch-size", type=int, default=_DEFAULT.batch_size)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--new-tokens", type=positive_int, default=_DEFAULT.new_tokens, help="generated tokens per example")
+    parser.add_argument("--batch-size", type=positive_int, default=_DEFAULT.batch_size, help="examples per call")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=_DEFAULT.seed, help="seed of weights, ids and pixels")
     parser.add_argument("--plot", metavar="FILE", help="write latency against analytic FLOPs (PNG/PDF)")
     parser.add_argument("--json-out", metavar="FILE", help="append one JSON line per run and the summary")
@@ -85,25 +85,21 @@ def main(args) -> int:
 
     from himap.cli.flops import resolve_methods
     from himap.cost.bench import format_summary, plot, run_benchmark
+    from himap.cost.flops import Arch
+    from himap.models.loading import check_attn_implementation, check_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        config = BenchConfig(methods=tuple(args.methods.split(",")), reps=args.reps, warmup=args.warmup,
-                             n_system=args.prompt_tokens[0], n_instruction=args.prompt_tokens[1],
-                             new_tokens=args.new_tokens, batch_size=args.batch_size, seed=args.seed,
-                             uncached=args.uncached)
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda but torch sees no CUDA device")
-        model, name = _load(args)
-        from himap.cost.flops import Arch
-
-        config.methods = tuple(resolve_methods(args.methods, Arch.from_config(model.config), args,
-                                                 with_vanilla=False))
-        summary = run_benchmark(model, config, args.json_out, progress=not args.no_progress, arch_name=name)
-    except (ValueError, OSError, ImportError) as e:
-        print(f"himap bench: {e}", file=sys.stderr)
-        return 2
+    config = BenchConfig(methods=tuple(args.methods.split(",")), reps=args.reps, warmup=args.warmup,
+                         n_system=args.prompt_tokens[0], n_instruction=args.prompt_tokens[1],
+                         new_tokens=args.new_tokens, batch_size=args.batch_size, seed=args.seed,
+                         uncached=args.uncached)
+    check_attn_implementation(args.attn, check_device(args.device))
+    check_output_path(args.plot, "--plot")
+    check_output_path(args.json_out, "--json-out")
+    model, name = _load(args)
+    config.methods = tuple(resolve_methods(args.methods, Arch.from_config(model.config), args, with_vanilla=False))
+    summary = run_benchmark(model, config, args.json_out, progress=not args.no_progress, arch_name=name)
     print(format_summary(summary))
     if args.plot:
         plot(summary, args.plot)

@@ -1,14 +1,147 @@
-"""Flags shared by several commands: methods with per-stage overrides, and model loading.
+"""What the commands share: the one error path, argument types, methods with per-stage
+overrides, and model loading flags.
 
-One source of truth: schedules come from himap.prune.schedule.PRESETS and himap.evaluation.ablations, overrides
-from `--k / --ratio / --criterion` parsed here for every command.
+One source of truth: schedules come from himap.prune.schedule.PRESETS and himap.evaluation.ablations,
+overrides from `--k / --ratio / --criterion` parsed here for every command. Bad input raises
+(ValueError and its kin) wherever it is found; `error_message` turns it into the one-line message
+that himap.cli.main prints with exit code 2, so commands hold no try/except of their own.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
-from himap.prune.schedule import CRITERIA, PRESETS, Schedule, with_overrides
+from himap.prune.schedule import CRITERIA, PRESETS, Schedule, fit_to_depth, with_overrides
+
+DEBUG_ENV = "HIMAP_DEBUG"
+"""Set to 1 to see the Python traceback of an error instead of the one-line message."""
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input or an environment problem (a file, a device, a package, an
+    unreachable judge), reported as a message: ValueError (DataError, ImageError, schedule and
+    argument checks), OSError (files, model folders, the hub), ImportError (optional packages),
+    the evaluation's and the judge's own errors, and the engine's unknown-layout error."""
+    from himap.evaluation.judge import JudgeError
+    from himap.evaluation.runner import EvalError
+    from himap.prune.engine import LayoutError
+
+    return (ValueError, OSError, ImportError, EvalError, JudgeError, LayoutError)
+
+
+def error_message(err: BaseException) -> str | None:
+    """The message for a user error, or None for anything else (a bug: let it raise)."""
+    if not isinstance(err, user_error_types()):
+        return None
+    if isinstance(err, ImportError) and not isinstance(err, ModuleNotFoundError) \
+            and str(err).startswith("cannot import name"):
+        return None  # a broken import inside the package: a bug
+    if isinstance(err, KeyError) and err.args:  # KeyError's str() adds quotes
+        return str(err.args[0])
+    if isinstance(err, ModuleNotFoundError):
+        return f"{err} (a package this needs is not installed)"
+    return str(err) or type(err).__name__
+
+
+def run_command(prog: str, main, args) -> int:
+    """main(args) with the shared error path: a user error prints "PROG: error: MESSAGE" on
+    stderr and returns 2 (HIMAP_DEBUG=1 re-raises it with its traceback); Ctrl-C returns 130."""
+    try:
+        return int(main(args) or 0)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - classified by error_message, re-raised when a bug
+        message = error_message(err)
+        if message is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------- argument types
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def text(value: str) -> str:
+    """argparse type: text that is not empty or only whitespace (a prompt, a question)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty; give some text")
+    return value
+
+
+def check_output_path(path: str | None, flag: str) -> None:
+    """Refuse an output file whose folder does not exist, before any work is done."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+
+
+def field_help(cls) -> dict[str, str]:
+    """{field: its comment} of a config dataclass whose fields are documented by a trailing
+    comment (`steps: int = 2600  # optimiser steps`): the flags' help, from the one source."""
+    import inspect
+    import re
+
+    pattern = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = pattern.match(line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip=(), types: dict | None = None,
+                            prefix_help: str = "") -> None:
+    """One flag per field of a config dataclass (--field-name), typed by its default's type
+    (or `types[name]`), with the field's comment and default as help; booleans get --x/--no-x."""
+    import dataclasses
+
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{prefix_help}{helps.get(f.name, f.name.replace('_', ' '))} (default {default})".replace("%", "%%")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            kind = (types or {}).get(f.name, type(default))
+            parser.add_argument(flag, type=kind, default=default, help=text)
+
+
+def note(message: str) -> None:
+    """One line on stderr saying what a slow step is doing (between progress bars)."""
+    print(message, file=sys.stderr, flush=True)
 
 METHOD_HELP = (f"comma-separated presets ({', '.join(PRESETS)}), ablation names (uniform@himap, "
                "deep-only@himap, k1=3-r1=0.25@himap, crit=embed_norm@himap, ...) or groups (all@himap)")
@@ -59,8 +192,10 @@ def resolve_methods(spec: str, shape=None, overrides: dict | None = None, defaul
     """Schedules for a comma-separated method spec.
 
     `shape` (himap.evaluation.ablations.ModelShape) is needed by model-dependent ablations (uniform@B);
-    `default` replaces the name 'default' (a task's default method); `overrides` apply to every
-    method that prunes, or raise when `single_override` and several methods are listed.
+    with it, a preset deeper than the model is scaled to its depth (himap.prune.schedule.fit_to_depth,
+    with a note on stderr) and --k values are checked against the layer count. `default` replaces
+    the name 'default' (a task's default method); `overrides` apply to every method that prunes,
+    or raise when `single_override` and several methods are listed.
     """
     from himap.evaluation.ablations import expand, resolve
 
@@ -76,9 +211,21 @@ def resolve_methods(spec: str, shape=None, overrides: dict | None = None, defaul
     overrides = {k: v for k, v in (overrides or {}).items() if v}
     if overrides and single_override and len(names) != 1:
         raise ValueError("--k/--ratio/--criterion apply to a single method")
+    if shape is not None:
+        too_deep = [k for k in overrides.get("k") or [] if k is not None and k >= shape.num_layers]
+        if too_deep:
+            raise ValueError(f"--k {too_deep[0]}: the model has {shape.num_layers} decoder layers, so K "
+                             f"must be at most {shape.num_layers - 1} (layer K-1 ranks, layers K.. are pruned)")
     schedules = []
     for name in names:
         s = Schedule(resolve(name, shape).stages, name=name)
+        if shape is not None:
+            fitted = fit_to_depth(s, shape.num_layers)
+            if fitted is not s:
+                note(f"note: {name}: K={tuple(x.k for x in s.stages)} does not fit this model's "
+                              f"{shape.num_layers} decoder layers; scaled to its depth: "
+                              f"K={tuple(x.k for x in fitted.stages)}")
+                s = fitted
         if overrides and s.stages:
             s = Schedule(with_overrides(s, **overrides).stages, name=override_name(name, **overrides))
         if shape is not None:
@@ -115,14 +262,28 @@ def method_from_args(args: argparse.Namespace, config=None) -> Schedule:
     return schedules[0]
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = "builtin") -> None:
+def check_model_arguments(args) -> None:
+    """--model, --device and --attn checked before anything is computed or written: a model name
+    that is neither a folder nor a hub id, a device torch cannot use, an unavailable kernel."""
+    from himap.models.loading import check_attn_implementation, check_device, resolve_model_path
+
+    resolve_model_path(args.model)
+    check_attn_implementation(args.attn, check_device(args.device))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = "builtin",
+                        device: str = "cpu") -> None:
+    """--model, --attn (alias --attn-implementation), --device, --dtype."""
     parser.add_argument("--model", default=default, required=default is None,
-                        help="hub id, local directory, or 'builtin' (the shipped model)")
-    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
+                        help="local model folder, hub id (owner/name), or 'builtin' (the shipped model)")
+    parser.add_argument("--attn", "--attn-implementation", dest="attn", default="sdpa",
+                        choices=("sdpa", "eager", "flash_attention_2"),
                         help="attention implementation of the decoder (kept while pruning)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default=device,
+                        help="cpu, cuda, cuda:1, ..." + (" or auto (cuda when available)" if device == "auto" else ""))
     parser.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
-                        help="weights dtype (default: fp32 on CPU, the checkpoint's on GPU)")
+                        help="weights dtype (default: fp32 on CPU, " + ("bf16 on CUDA)" if device == "auto"
+                                                                      else "the checkpoint's on GPU)"))
 
 
 PROMPT_FORMAT_HELP = ("prompt format: 'hf' the checkpoint's own chat template (no system prompt); 'llava-v1' "
@@ -135,9 +296,9 @@ def add_prompt_format_argument(parser: argparse.ArgumentParser, default: str | N
     """--prompt-format hf|llava-v1 (himap.models.loading.PROMPT_FORMATS)."""
     from himap.models.loading import PROMPT_FORMATS
 
-    note = default_note or f"default: {default}"
+    default_text = default_note or f"default: {default}"
     parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=default,
-                        help=f"{PROMPT_FORMAT_HELP}; {note}")
+                        help=f"{PROMPT_FORMAT_HELP}; {default_text}")
 
 
 def add_no_cache_argument(parser: argparse.ArgumentParser) -> None:

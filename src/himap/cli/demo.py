@@ -75,7 +75,16 @@ def first_token_correct(model, processor, items, schedule, batch_size: int, inpu
     return out
 
 
-def prefill_times(model, processor, items, methods: list, reps: int) -> dict:
+def _bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr (disabled: a no-op bar)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False)
+
+
+def prefill_times(model, processor, items, methods: list, reps: int, progress: bool = False) -> dict:
     """Median prefill seconds per method and median per-round ratio to vanilla: one forward pass
     (logits_to_keep=1) over one fixed batch, methods interleaved, the start rotating per round."""
     import torch
@@ -94,13 +103,16 @@ def prefill_times(model, processor, items, methods: list, reps: int) -> dict:
                 model(**inputs, logits_to_keep=1)
             return time.perf_counter() - t0
 
-    for m in methods:  # warm-up round
-        run(m)
-    times = {n: [] for n in names}
-    for r in range(reps):
-        order = methods[r % len(methods):] + methods[:r % len(methods)]
-        for m in order:
-            times[get_schedule(m).name].append(run(m))
+    with _bar((reps + 1) * len(methods), "prefill timing", progress) as bar:
+        for m in methods:  # warm-up round
+            run(m)
+            bar.update()
+        times = {n: [] for n in names}
+        for r in range(reps):
+            order = methods[r % len(methods):] + methods[:r % len(methods)]
+            for m in order:
+                times[get_schedule(m).name].append(run(m))
+                bar.update()
     base = times.get("vanilla")
     out = {}
     for n in names:
@@ -109,7 +121,7 @@ def prefill_times(model, processor, items, methods: list, reps: int) -> dict:
     return out
 
 
-def drop_all_probe(model, processor, items, batch_size: int) -> list[dict]:
+def drop_all_probe(model, processor, items, batch_size: int, progress: bool = False) -> list[dict]:
     """First-token accuracy (percent; `accuracy` over all items and one key per split, e.g.
     `mc`, `pope`) with every image token removed from layer K on, for K = 0 (no image tokens in
     the input) .. L - 1, plus `blank` (a blank image, all layers) and `full` (vanilla)."""
@@ -121,15 +133,17 @@ def drop_all_probe(model, processor, items, batch_size: int) -> list[dict]:
     no_image = lambda x: drop_image_tokens(x, cfg.image_token_id, pad)  # noqa: E731
     layers = cfg.text_config.num_hidden_layers
     run = functools.partial(first_token_correct, model, processor, items, batch_size=batch_size)
-    rows = [_split_accuracy(0, items, run(schedule=None, inputs_fn=no_image))]
-    for k in range(1, layers):
-        rows.append(_split_accuracy(k, items, run(schedule=drop_all_from(k))))
-    rows.append(_split_accuracy("blank", items, run(schedule=None, inputs_fn=blank_image)))
-    rows.append(_split_accuracy("full", items, run(schedule=None)))
+    settings = ([(0, None, no_image)] + [(k, drop_all_from(k), None) for k in range(1, layers)]
+                + [("blank", None, blank_image), ("full", None, None)])
+    rows = []
+    with _bar(len(settings), "drop-all-from-K probe", progress) as bar:
+        for k, schedule, inputs_fn in settings:
+            rows.append(_split_accuracy(k, items, run(schedule=schedule, inputs_fn=inputs_fn)))
+            bar.update()
     return rows
 
 
-def object_kept(model, processor, items, methods: list, batch_size: int) -> dict:
+def object_kept(model, processor, items, methods: list, batch_size: int, progress: bool = False) -> dict:
     """Per pruning method, the share (percent) of items whose object survives each stage: at
     least one of the image tokens holding an object (item.meta["objects"] cells) is kept.
     {method: [stage 1 share, stage 2 share, ...]}."""
@@ -143,18 +157,19 @@ def object_kept(model, processor, items, methods: list, batch_size: int) -> dict
     grid = v.image_size // v.patch_size
     cells = [{r * grid + c for _, _, (r, c) in it.meta.get("objects", [])} for it in items]
     out = {}
-    for method in methods:
-        schedule = get_schedule(method)
-        if not schedule.stages:
-            continue
-        hits = [0] * len(schedule.stages)
-        for i in range(0, len(items), batch_size):
-            inputs = build_batch(processor, items[i:i + batch_size])
-            with torch.no_grad(), himap.pruned(model, schedule) as handle:
-                model(**inputs, logits_to_keep=1)
-            for j, kept in enumerate(handle.stats.kept_image_indices):
-                hits[j] += sum(bool(cells[i + b] & set(k)) for b, k in enumerate(kept))
-        out[method] = [100.0 * h / len(items) for h in hits]
+    pruning = [m for m in methods if get_schedule(m).stages]
+    with _bar(len(pruning) * len(items), "object tokens kept", progress) as bar:
+        for method in pruning:
+            schedule = get_schedule(method)
+            hits = [0] * len(schedule.stages)
+            for i in range(0, len(items), batch_size):
+                inputs = build_batch(processor, items[i:i + batch_size])
+                with torch.no_grad(), himap.pruned(model, schedule) as handle:
+                    model(**inputs, logits_to_keep=1)
+                for j, kept in enumerate(handle.stats.kept_image_indices):
+                    hits[j] += sum(bool(cells[i + b] & set(k)) for b, k in enumerate(kept))
+                bar.update(len(items[i:i + batch_size]))
+            out[method] = [100.0 * h / len(items) for h in hits]
     return out
 
 
@@ -176,7 +191,7 @@ def _split_accuracy(k, items, correct: list[bool]) -> dict:
     return row
 
 
-def saliency_flows(model, processor, items, batch_size: int) -> dict:
+def saliency_flows(model, processor, items, batch_size: int, progress: bool = False) -> dict:
     """Per-layer mean saliency metrics (S_sys, S_img, S_ins, S_vv, S_vt) over `items`, with the
     gold answer's first token as the loss target."""
     import torch
@@ -186,11 +201,13 @@ def saliency_flows(model, processor, items, batch_size: int) -> dict:
 
     tok = processor.tokenizer
     samples = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        inputs = build_batch(processor, chunk)
-        targets = torch.tensor([answer_tokens(tok, it.answer)[0] for it in chunk])
-        samples += [{"layers": s.layers, "metrics": s.metrics} for s in saliency(model, inputs, targets)]
+    with _bar(len(items), "saliency flows", progress) as bar:
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            inputs = build_batch(processor, chunk)
+            targets = torch.tensor([answer_tokens(tok, it.answer)[0] for it in chunk])
+            samples += [{"layers": s.layers, "metrics": s.metrics} for s in saliency(model, inputs, targets)]
+            bar.update(len(chunk))
     return mean_metrics(samples)
 
 
@@ -310,7 +327,7 @@ def run(cfg: DemoConfig) -> dict:
     result = evaluate(ecfg, schedules, functools.partial(model_predictor, model, processor), arch=arch)
     items = shapes.load(None, split="mc,pope")
     timing = prefill_times(model, processor, items[: cfg.batch_size // 2] + items[-(cfg.batch_size // 2):],
-                           list(METHODS), cfg.timing_reps)
+                           list(METHODS), cfg.timing_reps, progress=cfg.progress)
     methods = {}
     for s in result.summaries:
         sc = s["scores"]
@@ -323,12 +340,12 @@ def run(cfg: DemoConfig) -> dict:
 
     # 2. where visual information moves into the text
     probe_items = shapes.load(None, split="mc,pope", limit=cfg.probe_limit)
-    drop_rows = drop_all_probe(model, processor, probe_items, cfg.batch_size)
-    kept = object_kept(model, processor, probe_items, list(METHODS), cfg.batch_size)
+    drop_rows = drop_all_probe(model, processor, probe_items, cfg.batch_size, progress=cfg.progress)
+    kept = object_kept(model, processor, probe_items, list(METHODS), cfg.batch_size, progress=cfg.progress)
 
     # 3. saliency flows
     flow_items = shapes.load(None, split="mc,pope", limit=cfg.saliency_samples)
-    flows = saliency_flows(model, processor, flow_items, min(cfg.batch_size, 16))
+    flows = saliency_flows(model, processor, flow_items, min(cfg.batch_size, 16), progress=cfg.progress)
 
     plots = {
         "accuracy_vs_tflops": plot_accuracy_vs_tflops(methods, os.path.join(cfg.out, "accuracy_vs_tflops.png")),
@@ -369,12 +386,12 @@ QUICK = {"limit": 12, "probe_limit": 8, "saliency_samples": 4, "timing_reps": 1,
 
 
 def add_arguments(parser) -> None:
-    for f in dataclasses.fields(DemoConfig):
-        if f.name == "progress":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = int if f.name == "limit" else type(f.default)
-        parser.add_argument(flag, type=kind, default=f.default, help=f"(default {f.default})")
+    from himap.cli.common import add_dataclass_arguments, nonnegative_int, positive_int
+
+    add_dataclass_arguments(parser, DemoConfig, skip=("progress",),
+                            types={"limit": nonnegative_int, "probe_limit": positive_int,
+                                   "saliency_samples": positive_int, "timing_reps": positive_int,
+                                   "batch_size": positive_int, "threads": positive_int})
     parser.add_argument("--quick", action="store_true", help=f"tiny sizes for a smoke test: {QUICK}")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -1,7 +1,7 @@
 """Analytic FLOPs of a method (paper convention and full count) and KV-cache bytes.
 
     himap flops --arch llava-1.5-7b --method fastv,himap
-    himap flops --model PATH --method himap --k 3 8 --json
+    himap flops --model builtin --method himap --k 3 8 --json  # sizes from a model's config
 
 Prints one row per method (vanilla always first, as the reference): image tokens after each
 stage, the paper's TFLOPs (eq. 10, image tokens only, 3 decimals; the paper's tables truncate to
@@ -12,7 +12,6 @@ vanilla, and the KV-cache size after prefill.
 from __future__ import annotations
 
 import json
-import sys
 
 from himap.cost.flops import ARCHS, ATTENTION_MODES, DTYPE_BYTES, SYSTEM_TOKENS, PromptShape
 
@@ -143,30 +142,31 @@ def format_table(result: dict) -> str:
 
 
 def main(args) -> int:
-    try:
-        arch = load_arch(args.arch, args.model)
-        n_system = args.system_tokens if args.system_tokens is not None else SYSTEM_TOKENS[args.prompt_format]
-        shape = PromptShape(n_system=n_system, n_instruction=args.instruction_tokens,
-                            new_tokens=args.new_tokens, n_image=args.image_tokens)
-        if shape.n_image is not None and shape.n_image != arch.image_tokens:
-            import dataclasses
+    arch = load_arch(args.arch, args.model)
+    n_system = args.system_tokens if args.system_tokens is not None else SYSTEM_TOKENS[args.prompt_format]
+    shape = PromptShape(n_system=n_system, n_instruction=args.instruction_tokens,
+                        new_tokens=args.new_tokens, n_image=args.image_tokens)
+    if shape.n_image is not None and shape.n_image != arch.image_tokens:
+        import dataclasses
 
-            arch = dataclasses.replace(arch, image_tokens=shape.n_image)
-        schedules = resolve_methods(args.method, arch, args)
-        result = report(arch, schedules, shape, args.attention, args.dtype)
-    except (ValueError, OSError, ImportError) as e:
-        print(f"himap flops: {e}", file=sys.stderr)
-        return 2
+        arch = dataclasses.replace(arch, image_tokens=shape.n_image)
+    schedules = resolve_methods(args.method, arch, args)
+    result = report(arch, schedules, shape, args.attention, args.dtype)
     if args.measure:
-        try:
-            result["measured"] = measure(args, arch, schedules, shape)
-        except (ValueError, OSError, ImportError) as e:
-            print(f"himap flops: {e}", file=sys.stderr)
-            return 2
+        result["measured"] = measure(args, arch, schedules, shape)
     print(json.dumps(result) if args.json else format_table(result))
     if args.measure and not args.json:
         print(format_measured(result["measured"]))
+    if not args.json:
+        print(summary_line(result))
     return 0
+
+
+def summary_line(result: dict) -> str:
+    """One line: each pruning method's share of vanilla's paper-convention and total FLOPs."""
+    parts = [f"{r['method']} {r['paper_ratio']:.1%} (paper) / {r['total_ratio']:.1%} (total)"
+             for r in result["methods"][1:] if r["paper_ratio"] is not None]
+    return f"himap flops: {result['arch']['name']}, FLOPs of vanilla's: " + (", ".join(parts) or "nothing pruned")
 
 
 def measure(args, arch, schedules, shape: PromptShape) -> list[dict]:

@@ -1,12 +1,21 @@
 """Score an existing prediction file (ours or LLaVA's published answers) on a task.
 
+    himap score --task pope --data data/pope --predictions runs/eval/pope/himap.jsonl
+    himap score --task scienceqa_img --data data/scienceqa --predictions llava-v1.5-7b.jsonl --label llava
+    himap score --task shapes --predictions runs/eval/shapes/vanilla.jsonl runs/eval/shapes/himap.jsonl
+    himap score --task mmvet --data data/mmvet --predictions results.json \
+        --judge-base-url https://api.openai.com/v1 --judge-model gpt-4-0613
+
 Reads, one method per table row:
 - the project's prediction JSONL (`himap eval` output): {"id", "prediction", "method", ...} per
   line; a file holding several methods is scored per method;
 - LLaVA's answer files: JSONL with {"question_id", "text", ...} (scored as one method, named by
   --label or the file name);
 - a JSON object {id: answer} (MM-Vet's results format) or a JSON list of either kind of row.
-Prints a markdown table and ends with one JSON line {"task", "version", "split", "methods"}.
+Only the question files are read (no image; `shapes` needs no --data). A file whose answers do
+not look like the task's at all (no yes/no for pope, no option letter for scienceqa_img) is an
+error: it holds another task's answers. Prints a markdown table and ends with one JSON line
+{"task", "version", "split", "methods"}.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ def add_arguments(parser) -> None:
     from himap.tasks import TASKS
 
     parser.add_argument("--task", required=True, help="task name: " + ", ".join(TASKS))
-    parser.add_argument("--data", required=True, help="the task's data folder (question files)")
+    parser.add_argument("--data", default=None,
+                        help="the task's data folder (question files; not needed for shapes)")
     parser.add_argument("--predictions", required=True, nargs="+",
                         help="prediction file(s): himap eval JSONL, LLaVA answer JSONL or {id: answer} JSON")
     parser.add_argument("--split", default=None, help="task split(s), e.g. random,popular for pope")
@@ -90,7 +100,7 @@ def _is_row(obj: dict) -> bool:
 def flat_columns(result: dict, metric: str) -> dict[str, float]:
     """Table columns of a score result: the primary metric, other top-level numbers, and one
     level of nested groups (their metric / f1 when they are dicts, else the number itself)."""
-    skip = {"n", "missing", "tp", "fp", "tn", "fn"}
+    skip = {"n", "n_metric", "missing", "tp", "fp", "tn", "fn"}
     cols = {metric: result.get(metric)}
     for key, value in result.items():
         if key in skip or key == metric:
@@ -105,7 +115,9 @@ def flat_columns(result: dict, metric: str) -> dict[str, float]:
                             cols[f"{sub}.{k}"] = v[k]
                 elif isinstance(v, (int, float)):
                     cols[f"{key}.{sub}"] = v
-    cols["n"], cols["missing"] = result.get("n"), result.get("missing")
+    n, n_metric = result.get("n"), result.get("n_metric", result.get("n"))
+    cols["n"] = n if n_metric == n else f"{n_metric} of {n}"  # the items the metric covers
+    cols["missing"] = result.get("missing")
     return cols
 
 
@@ -135,38 +147,54 @@ def score_file(task, items, predictions: dict[str, dict[str, str]], method: str 
     return {m: task.score(items, predictions[m], **kw) for m in methods}
 
 
-def main(args) -> int:
-    from himap.evaluation.judge import JudgeError, JudgeNotConfigured
-    from himap.tasks import get_task, require_data
+def check_answer_form(task, items, predictions: dict[str, dict[str, str]]) -> None:
+    """Raise when a method's predictions do not read as the task's kind of answer at all (another
+    task's file whose ids happen to overlap); warn when fewer than half do."""
+    from himap.tasks import answer_form_count
 
-    try:
-        task = get_task(args.task)
-        require_data(task, args.data)
-        items = task.load(args.data, split=args.split)
-        canonical = getattr(task, "canonical_id", str)
-        predictions: dict[str, dict[str, str]] = {}
-        for path in args.predictions:
-            for m, preds in read_predictions(path, args.label, canonical, task.NAME).items():
-                predictions.setdefault(m, {}).update(preds)
-        ids = {it.id for it in items}
-        for m, preds in predictions.items():
-            if args.method and m != args.method:
-                continue
-            extra = [i for i in preds if i not in ids]
-            absent = len(ids) - (len(preds) - len(extra))
-            if extra:
-                print(f"note: {m}: {len(extra)} predictions have ids outside the {task.NAME} items "
-                      f"loaded (e.g. {extra[:3]}); ignored", file=sys.stderr)
-            if absent:
-                print(f"warning: {m}: {absent} of {len(ids)} items have no prediction; the score "
-                      "covers the rest", file=sys.stderr)
-        kw = {"tokenizer": args.tokenizer, "judge_base_url": args.judge_base_url,
-              "judge_model": args.judge_model, "judge_api_key_env": args.judge_api_key_env,
-              "judge_cache": args.judge_cache or (args.predictions[0] + ".judge_cache.jsonl")}
-        results = score_file(task, items, predictions, args.method, **kw)
-    except (DataError, KeyError, JudgeError, JudgeNotConfigured, ImportError, ValueError) as err:
-        print(f"himap score: error: {err}", file=sys.stderr)
-        return 2
+    for m, preds in predictions.items():
+        counted = answer_form_count(task, items, preds)
+        if counted is None or not counted[1]:
+            continue
+        like, n = counted
+        if like == 0:
+            raise DataError(f"{m}: none of the {n} predictions for {task.NAME} items reads as "
+                            f"{task.ANSWER_FORM} (e.g. {next(iter(preds.values()))[:60]!r}); "
+                            "is this another task's answer file?")
+        if like < n / 2:
+            print(f"warning: {m}: only {like} of {n} predictions read as {task.ANSWER_FORM}",
+                  file=sys.stderr)
+
+
+def main(args) -> int:
+    from himap.tasks import get_task, load_for_scoring
+
+    task = get_task(args.task)
+    items = load_for_scoring(task, args.data, split=args.split)
+    canonical = getattr(task, "canonical_id", str)
+    predictions: dict[str, dict[str, str]] = {}
+    for path in args.predictions:
+        for m, preds in read_predictions(path, args.label, canonical, task.NAME).items():
+            predictions.setdefault(m, {}).update(preds)
+    if args.method:
+        if args.method not in predictions:
+            raise DataError(f"method {args.method!r} not in the predictions (have {sorted(predictions)})")
+        predictions = {args.method: predictions[args.method]}
+    ids = {it.id for it in items}
+    for m, preds in predictions.items():
+        extra = [i for i in preds if i not in ids]
+        absent = len(ids) - (len(preds) - len(extra))
+        if extra:
+            print(f"note: {m}: {len(extra)} predictions have ids outside the {task.NAME} items "
+                  f"loaded (e.g. {extra[:3]}); ignored", file=sys.stderr)
+        if absent:
+            print(f"warning: {m}: {absent} of {len(ids)} items have no prediction; the score "
+                  "covers the rest", file=sys.stderr)
+    check_answer_form(task, items, predictions)
+    kw = {"tokenizer": args.tokenizer, "judge_base_url": args.judge_base_url,
+          "judge_model": args.judge_model, "judge_api_key_env": args.judge_api_key_env,
+          "judge_cache": args.judge_cache or (args.predictions[0] + ".judge_cache.jsonl")}
+    results = score_file(task, items, predictions, **kw)
     print(f"{task.NAME} v{task.VERSION} ({task.METRIC}), split {args.split or 'default'}:")
     print(markdown_table(results, task.METRIC))
     summary = {"task": task.NAME, "version": task.VERSION, "split": args.split,

@@ -2,7 +2,7 @@
 
     himap sweep configs/sweep_ablations.yaml
     himap sweep configs/sweep_ablations.yaml --model builtin --tasks shapes --limit 200
-    himap sweep configs/sweep_ablations.yaml --dry-run          # list schedules and TFLOPs only
+    himap sweep configs/sweep_ablations.yaml --arch llava-1.5-7b --dry-run   # schedules and TFLOPs only
     torchrun --nproc_per_node 4 --no-python himap sweep CONFIG  # data-parallel, as himap eval
 
 Writes OUT/results.{md,csv,json} and OUT/pareto.png; predictions are himap eval's files under
@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 
 
 def add_arguments(parser) -> None:
+    from himap.cli.common import nonnegative_int, positive_int
+
     parser.add_argument("config", help="sweep YAML (see configs/sweep_ablations.yaml)")
     parser.add_argument("--model", default=None, help="override the config's model")
     parser.add_argument("--tasks", default=None,
                         help="comma-separated task names: picked from the config, or added with default data")
     parser.add_argument("--methods", default=None, help="override the config's methods (comma-separated)")
-    parser.add_argument("--limit", type=int, default=None, help="items per task")
+    parser.add_argument("--limit", type=nonnegative_int, default=None, help="items per task")
     parser.add_argument("--out", default=None, help="override the config's output folder")
-    parser.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="override the config's batch size")
     parser.add_argument("--device", default=None, help="cpu, cuda or auto")
-    parser.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                        help="weights dtype (default: the config's; none there: fp32 on CPU, bf16 on CUDA)")
     from himap.cli.common import add_prompt_format_argument
 
     add_prompt_format_argument(parser, default=None, default_note="default: the config's prompt_format (hf)")
@@ -78,41 +80,35 @@ def dry_run(cfg, arch) -> dict:
 
 
 def main(args) -> int:
-    from himap.evaluation.runner import (
-        EvalError,
-        LazyPredictor,
-        arch_of_model,
-        dist_env,
-        pick_device,
-    )
+    from himap.evaluation.runner import LazyPredictor, arch_of_model, dist_env, pick_device
     from himap.evaluation.sweep import final_line, load_config, run_sweep
-    from himap.tasks.base import DataError
+    from himap.models.loading import check_attn_implementation, resolve_model_path
 
-    try:
-        cfg = apply_overrides(load_config(args.config), args)
-        rank, world = dist_env()
-        if args.arch:
-            from himap.cost.flops import get_arch
+    cfg = apply_overrides(load_config(args.config), args)
+    rank, world = dist_env()
+    if args.arch:
+        from himap.cost.flops import get_arch
 
-            arch = get_arch(args.arch)
-        else:
-            arch = arch_of_model(cfg.model)
-        if args.dry_run:
-            planned = dry_run(cfg, arch)
-            for task, rows in planned.items():
-                print(f"{task}:")
-                for r in rows:
-                    tf = f"{r['tflops_paper']:.3f}" if r["tflops_paper"] is not None else "unavailable"
-                    same = f" (= {r['same_as']})" if r["same_as"] else ""
-                    print(f"  {r['method']:<28} {tf:>11} TFLOPs  {r['stages']}{same}")
-            print(json.dumps({"plan": planned}))
-            return 0
-        predictor = LazyPredictor(cfg.model, pick_device(cfg.device, rank, world), cfg.dtype,
-                                  cfg.attn_implementation, cfg.max_new_tokens, prompt_format=cfg.prompt_format)
-        result = run_sweep(cfg, predictor, arch, rank=rank, world_size=world, progress=not args.no_progress)
-    except (EvalError, DataError, KeyError, ValueError, OSError) as err:
-        print(f"himap sweep: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
-        return 2
+        arch = get_arch(args.arch)
+    else:
+        arch = arch_of_model(cfg.model)
+    if args.dry_run:
+        planned = dry_run(cfg, arch)
+        for task, rows in planned.items():
+            print(f"{task}:")
+            for r in rows:
+                tf = r["tflops_paper"]
+                tf = "unavailable" if tf is None else f"{tf:.3f}" if tf >= 0.01 else f"{tf:.3g}"
+                same = f" (= {r['same_as']})" if r["same_as"] else ""
+                print(f"  {r['method']:<28} {tf:>11} TFLOPs  {r['stages']}{same}")
+        print(json.dumps({"plan": planned}))
+        return 0
+    resolve_model_path(cfg.model)  # a model that cannot load fails before any task runs
+    device = pick_device(cfg.device, rank, world)
+    check_attn_implementation(cfg.attn_implementation, device)
+    predictor = LazyPredictor(cfg.model, device, cfg.dtype, cfg.attn_implementation, cfg.max_new_tokens,
+                              prompt_format=cfg.prompt_format)
+    result = run_sweep(cfg, predictor, arch, rank=rank, world_size=world, progress=not args.no_progress)
     if rank != 0:
         print(json.dumps({"rank": rank, "world_size": world, "predicted": result.predicted}))
         return 0

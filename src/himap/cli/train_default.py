@@ -17,25 +17,16 @@ import os
 
 
 def add_arguments(parser) -> None:
+    from himap.builtin.synthetic import SyntheticConfig
     from himap.builtin.train import ModelConfig, TrainConfig
+    from himap.cli.common import add_dataclass_arguments
 
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("model", "mix"):
-            continue
-        default = f.default
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse_bool(), default=default, help=f"(default {default})")
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"(default {default})")
+    add_dataclass_arguments(parser, TrainConfig, skip=("model", "mix"))
     parser.add_argument("--out", dest="out_dir", default=TrainConfig.out_dir, help="alias of --out-dir")
     parser.add_argument("--mix", default=None,
-                        help='kind weights as JSON, e.g. \'{"mc": 0.4, "pope": 0.4, "word": 0.2}\'')
-    for f in dataclasses.fields(ModelConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            help=f"model size (default {f.default})")
-    from himap.builtin.synthetic import SyntheticConfig
-
+                        help='kind weights of the training stream as JSON, e.g. \'{"mc": 0.4, "pope": 0.4, '
+                             '"word": 0.2}\' (default: the recipe\'s)')
+    add_dataclass_arguments(parser, ModelConfig, prefix_help="model size: ")
     parser.add_argument("--max-objects", type=int, default=SyntheticConfig.max_objects,
                         help="objects per image at most (himap.builtin.synthetic.SyntheticConfig)")
     parser.add_argument("--pope-query", default=SyntheticConfig.pope_query, choices=("pair", "attribute"),
@@ -47,12 +38,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def argparse_bool():
-    import argparse
-
-    return argparse.BooleanOptionalAction
-
-
 def config_from_args(args):
     """TrainConfig from parsed arguments."""
     from himap.builtin.train import ModelConfig, TrainConfig
@@ -62,9 +47,12 @@ def config_from_args(args):
               if f.name not in ("model", "mix")}
     cfg = TrainConfig(**values, model=model)
     if args.mix:
-        mix = json.loads(args.mix)
+        try:
+            mix = json.loads(args.mix)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--mix is not valid JSON ({err})") from None
         if not isinstance(mix, dict) or not mix:
-            raise SystemExit("--mix must be a JSON object of kind -> weight")
+            raise ValueError("--mix must be a JSON object of kind -> weight")
         cfg.mix = {k: float(v) for k, v in mix.items()}
     return cfg
 
@@ -76,7 +64,7 @@ def main(args) -> int:
     cfg = config_from_args(args)
     bad = [k for k in cfg.mix if k not in synthetic.KINDS]
     if bad:
-        raise SystemExit(f"unknown kinds in --mix: {bad}; choose from {synthetic.KINDS}")
+        raise ValueError(f"unknown kinds in --mix: {bad}; choose from {synthetic.KINDS}")
     import platform
     import sys
 

@@ -7,7 +7,8 @@
 Requests are POST {base_url}/chat/completions with {"model", "messages", "temperature",
 "max_tokens"} and a Bearer key read from the environment variable named by api_key_env (no
 header when it is unset, for local servers). Transient failures (connection errors, timeouts,
-HTTP 408/409/429/5xx) are retried with exponential backoff; other HTTP errors raise at once.
+HTTP 408/409/429/5xx) are retried with exponential backoff, each retry announced on stderr (an
+unreachable endpoint costs about a minute before the error); other HTTP errors raise at once.
 Every answer is appended to a JSONL cache keyed by the SHA-256 of (model, messages,
 temperature, max_tokens), so rerunning a scoring pays only for prompts not graded before.
 Standard library only (urllib), so nothing heavy is imported.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -60,11 +62,12 @@ def cache_key(model: str, messages: list[dict], temperature: float, max_tokens: 
 class Judge:
     """Chat-completions client with retries and a persistent answer cache."""
 
-    def __init__(self, config: JudgeConfig, sleep=time.sleep):
+    def __init__(self, config: JudgeConfig, sleep=time.sleep, log=None):
         if not config.base_url or not config.model:
             raise JudgeNotConfigured("a judge needs a base URL and a model name")
         self.config = config
         self.sleep = sleep  # injectable for tests
+        self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
         self.requests = 0  # HTTP requests sent (retries included)
         self.cache_hits = 0
         self._cache: dict[str, str] = {}
@@ -104,7 +107,10 @@ class Judge:
         last = ""
         for attempt in range(self.config.retries + 1):
             if attempt:
-                self.sleep(min(self.config.backoff_s * 2 ** (attempt - 1), self.config.max_backoff_s))
+                wait = min(self.config.backoff_s * 2 ** (attempt - 1), self.config.max_backoff_s)
+                self.log(f"judge: {url} failed ({last[:200]}); retry {attempt} of {self.config.retries} "
+                         f"in {wait:g} s")
+                self.sleep(wait)
             self.requests += 1
             try:
                 req = urllib.request.Request(url, data=body, headers=headers, method="POST")

@@ -36,6 +36,15 @@ def parse_yes_no(text: str) -> str:
     return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
 
 
+_YES_NO = re.compile(r"\b(?:yes|no|not)\b", re.IGNORECASE)
+
+
+def says_yes_or_no(text: str) -> bool:
+    """Whether an answer holds a yes/no word at all (parse_yes_no reads anything else as yes):
+    tells a POPE answer from an answer to another task."""
+    return bool(_YES_NO.search(text))
+
+
 def binary_metrics(predictions: list[str], labels: list[str]) -> dict:
     """POPE metrics over parallel lists of "yes"/"no": accuracy, precision, recall and F1 of the
     "yes" class, and the ratio of "yes" answers, all in percent, plus the confusion counts.

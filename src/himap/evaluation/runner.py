@@ -66,6 +66,8 @@ class EvalConfig:
     rank: int = 0  # this process's rank (RANK); items i % world_size == rank are its share
     world_size: int = 1  # number of processes (WORLD_SIZE)
     merge_timeout_s: float = 24 * 3600.0  # how long rank 0 waits for the other ranks' shards
+    ids_file: str | None = None  # evaluate only the ids listed there (JSON list / JSONL; before `limit`)
+    skip_missing: bool = False  # leave out items whose image file is absent (before `limit`), counted
     poll_s: float = 0.5  # how often rank 0 looks at the shards while waiting
     progress: bool = True  # show a tqdm progress bar
     prompt_format: str = "hf"  # himap.models.loading.PROMPT_FORMATS; recorded with the predictions
@@ -360,6 +362,7 @@ def summarize(cfg: EvalConfig, task, schedule: Schedule, items: list, records: d
     summary = {
         "task": task.NAME, "task_version": str(task.VERSION), "split": cfg.split, "model": cfg.model,
         "method": schedule.name, "schedule": schedule_dict(schedule), "n_items": len(items),
+        "n_metric": scores.get("n_metric", len(items)),
         "metric": task.METRIC, "score": scores.get(task.METRIC), "scores": scores,
         **cost_columns(arch, schedule, chosen),
         "latency_s_per_example": sum(latencies) / len(latencies) if latencies else None,
@@ -379,19 +382,23 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def markdown_table(summaries: list[dict]) -> str:
-    """Methods side by side: metric, TFLOPs (paper, ratio, full), latency per example."""
+    """Methods side by side: metric and the items it covers (n; "400 of 600" when the metric
+    leaves some out, e.g. shapes' accuracy covers mc and pope, not captions), TFLOPs (paper,
+    ratio, full), latency per example."""
     if not summaries:
         return ""
     metric = summaries[0]["metric"]
-    head = (f"| method | {metric} | TFLOPs (paper) | ratio | TFLOPs (full) | latency s/example | n |\n"
+    head = (f"| method | {metric} | n | TFLOPs (paper) | ratio | TFLOPs (full) | latency s/example |\n"
             "|---|---|---|---|---|---|---|\n")
     rows = []
     for s in summaries:
         score = s["score"] if s["score"] is not None else ("unavailable: " + s["scores"].get("error", "")
                                                            if "error" in s["scores"] else None)
         ratio = f"{100 * s['tflops_paper_ratio']:.0f}%" if s.get("tflops_paper_ratio") is not None else "unavailable"
-        rows.append(f"| {s['method']} | {_fmt(score, 2)} | {_fmt(s['tflops_paper'])} | {ratio} | "
-                    f"{_fmt(s['tflops_full'])} | {_fmt(s['latency_s_per_example'], 4)} | {s['n_items']} |")
+        n_metric = s.get("n_metric", s["n_items"])
+        n = str(n_metric) if n_metric == s["n_items"] else f"{n_metric} of {s['n_items']}"
+        rows.append(f"| {s['method']} | {_fmt(score, 2)} | {n} | {_fmt(s['tflops_paper'])} | {ratio} | "
+                    f"{_fmt(s['tflops_full'])} | {_fmt(s['latency_s_per_example'], 4)} |")
     first = summaries[0]
     title = (f"{first['task']} (version {first['task_version']}"
              + (f", split {first['split']}" if first.get("split") else "") + f"), model {first['model']}\n\n")
@@ -404,10 +411,9 @@ def image_of(item):
     """The item's image as RGB PIL (None for a text-only item)."""
     if item.image is None:
         return None
-    from PIL import Image
+    from himap.models.loading import load_image
 
-    with Image.open(item.image) as im:
-        return im.convert("RGB")
+    return load_image(item.image)
 
 
 @contextlib.contextmanager
@@ -473,11 +479,15 @@ def arch_of_model(model: str):
 
 
 def pick_device(device: str, rank: int = 0, world: int = 1) -> str:
-    """'auto' -> cuda when available; with several ranks on CUDA each takes cuda:LOCAL_RANK."""
+    """'auto' -> cuda when available; with several ranks on CUDA each takes cuda:LOCAL_RANK.
+    A device torch cannot use raises (himap.models.loading.check_device)."""
     import torch
+
+    from himap.models.loading import check_device
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % max(1, torch.cuda.device_count())}"
     return device
@@ -499,6 +509,7 @@ class LazyPredictor:
             from himap.models.loading import load_model
 
             dtype = self.dtype or ("bf16" if self.device.startswith("cuda") else "fp32")
+            print(f"loading {self.model} on {self.device} ...", file=sys.stderr, flush=True)
             self._loaded = load_model(self.model, attn_implementation=self.attn_implementation,
                                       dtype=dtype, device=self.device)
         return self._loaded
@@ -511,21 +522,36 @@ class LazyPredictor:
 
 # ---------------------------------------------------------------- the whole evaluation
 
-def load_items(cfg: EvalConfig, task) -> list:
-    """The task's items for this config (image_dir only for loaders that take it)."""
-    kwargs = {"split": cfg.split, "limit": cfg.limit}
+def load_items(cfg: EvalConfig, task) -> tuple[list, int]:
+    """(the task's items for this config, how many were left out for lacking an image file).
+
+    image_dir goes only to loaders that take it. With `ids_file` or `skip_missing` the items are
+    chosen first and `limit` applies to what remains (spread over the splits as the loaders do)."""
+    from himap.tasks import require_data
+    from himap.tasks.base import limit_per_group, missing_images, read_ids, select_ids
+
+    skip = cfg.skip_missing and getattr(task, "NEEDS_DATA", True)  # generated tasks render their images
+    kwargs = {"split": cfg.split, "limit": None if (cfg.ids_file or skip) else cfg.limit}
     if cfg.image_dir is not None:
         if "image_dir" not in inspect.signature(task.load).parameters:
             raise EvalError(f"task {task.NAME!r} takes no image folder (--image-dir)")
         kwargs["image_dir"] = cfg.image_dir
-    from himap.tasks import require_data
-
     require_data(task, cfg.data)
     items = task.load(cfg.data, **kwargs)
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         raise EvalError(f"task {task.NAME!r} gave duplicate item ids; predictions could not be told apart")
-    return items
+    if cfg.ids_file:
+        items = select_ids(items, read_ids(cfg.ids_file), cfg.ids_file)
+    skipped = 0
+    if skip:
+        absent = {id(it) for it in missing_images(items)}
+        skipped = len(absent)
+        items = [it for it in items if id(it) not in absent]
+    if kwargs["limit"] is None and cfg.limit is not None:
+        splits = list(dict.fromkeys(it.meta.get("split") for it in items))
+        items = limit_per_group([[it for it in items if it.meta.get("split") == s] for s in splits], cfg.limit)
+    return items, skipped
 
 
 @dataclass
@@ -536,6 +562,8 @@ class EvalResult:
     summaries: list[dict] = field(default_factory=list)  # one per method (rank 0 only)
     predicted: dict[str, int] = field(default_factory=dict)  # method -> items predicted in this call
     markdown: str = ""  # the side-by-side table (rank 0 only)
+    n_items: int = 0  # items evaluated
+    skipped_missing: int = 0  # items left out for lacking an image file (EvalConfig.skip_missing)
 
 
 def evaluate(cfg: EvalConfig, schedules: list[Schedule], predictor: PredictorFactory | None,
@@ -548,9 +576,10 @@ def evaluate(cfg: EvalConfig, schedules: list[Schedule], predictor: PredictorFac
 
     task = get_task(cfg.task)
     max_new = cfg.max_new_tokens or task.MAX_NEW_TOKENS
-    items = load_items(cfg, task)
+    items, skipped = load_items(cfg, task)
     if not items:
-        raise EvalError(f"task {task.NAME!r} has no items for split={cfg.split!r} limit={cfg.limit!r}")
+        raise EvalError(f"task {task.NAME!r} has no items for split={cfg.split!r} limit={cfg.limit!r}"
+                        + (f" ({skipped} left out for lacking an image file)" if skipped else ""))
     names = [s.name for s in schedules]
     if len(set(map(safe_name, names))) != len(names):
         raise EvalError(f"method names must be distinct (as file names): {names}")
@@ -559,7 +588,7 @@ def evaluate(cfg: EvalConfig, schedules: list[Schedule], predictor: PredictorFac
                         "run once without torchrun with --overwrite, or delete the files first")
     directory = run_dir(cfg.out, task.NAME, cfg.split)
     os.makedirs(directory, exist_ok=True)
-    result = EvalResult(directory)
+    result = EvalResult(directory, n_items=len(items), skipped_missing=skipped)
     mine = shard(items, cfg.rank, cfg.world_size)
     for schedule in schedules:
         if not merge_only:
@@ -567,7 +596,8 @@ def evaluate(cfg: EvalConfig, schedules: list[Schedule], predictor: PredictorFac
             done = set(collect(directory, schedule.name))
             todo = [it for it in mine if it.id not in done]
             if todo:
-                check_images(todo, getattr(task, "DATA_HELP", ""))
+                check_images(todo, getattr(task, "DATA_HELP", "") + "\n(--skip-missing evaluates the items "
+                             "that have their image; --ids FILE picks items)")
                 if predictor is None:
                     raise EvalError(f"{len(todo)} item(s) of {schedule.name!r} need predictions but no model was given")
                 path = (prediction_path(directory, schedule.name) if cfg.world_size == 1

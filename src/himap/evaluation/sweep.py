@@ -230,6 +230,14 @@ _GROUP_STYLE = {"preset": ("tab:blue", "o"), "shallow-only": ("tab:orange", "s")
                 "uniform": ("tab:purple", "^"), "K1/R1 grid": ("tab:gray", "."), "criterion": ("tab:brown", "x")}
 
 
+def _flops_unit(max_tflops: float) -> tuple[str, float]:
+    """(axis unit, factor from TFLOPs) that keeps tick labels short: TFLOPs, GFLOPs or MFLOPs."""
+    for unit, scale in (("TFLOPs", 1.0), ("GFLOPs", 1e3), ("MFLOPs", 1e6)):
+        if max_tflops * scale >= 1:
+            return unit, scale
+    return "FLOPs", 1e12
+
+
 def plot_pareto(rows: list[dict], path: str) -> str | None:
     """Score against TFLOPs per task (one panel each): points styled by ablation group, the Pareto
     front joined and ringed; presets and front points are labelled. Returns the path, or None when
@@ -243,11 +251,15 @@ def plot_pareto(rows: list[dict], path: str) -> str | None:
              if _points([r for r in rows if r["task"] == t and not r.get("same_as")])[1]]
     if not tasks:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         trows = [r for r in rows if r["task"] == task and not r.get("same_as")]
         col, pts = _points(trows)
         front = pareto_front(pts)
+        unit, scale = _flops_unit(max(x for x, _ in pts))
+        pts = [(x * scale, y) for x, y in pts]
         for group, (color, marker) in _GROUP_STYLE.items():
             idx = [i for i, r in enumerate(trows) if ablation_group(r["method"]) == group]
             if idx:
@@ -258,7 +270,9 @@ def plot_pareto(rows: list[dict], path: str) -> str | None:
         for i, (r, (x, y)) in enumerate(zip(trows, pts)):
             if i in front or "@" not in r["method"]:
                 ax.annotate(r["method"], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        ax.set_xlabel("TFLOPs (paper convention)" if col == "tflops_paper" else "TFLOPs (full count)")
+        ax.set_xlabel(f"{unit} (paper convention)" if col == "tflops_paper" else f"{unit} (full count)")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # short tick labels that never overlap
+        ax.ticklabel_format(axis="x", useOffset=False)
         ax.set_ylabel(trows[0]["metric"])
         ax.set_title(task)
         ax.grid(alpha=0.3)

@@ -17,8 +17,15 @@ Prompt formats (`prompt_format`, the CLI's --prompt-format; docs/official-code.m
 from __future__ import annotations
 
 import os
+import re
 
 BUILTIN = "builtin"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""owner/name: the form of a model repository id on the hub."""
+
+
+class ImageError(ValueError):
+    """An image file is missing, not an image, or damaged."""
 
 PROMPT_FORMATS = ("hf", "llava-v1")
 """Prompt formats build_inputs knows (see the module docstring)."""
@@ -32,12 +39,83 @@ IMAGE_PLACEHOLDER = "<image>"
 
 
 def resolve_model_path(path_or_id: str) -> str:
-    """The directory or hub id to load; "builtin" is the model shipped inside the package."""
+    """The directory or hub id to load; "builtin" is the model shipped inside the package.
+
+    Anything else must be an existing folder or a hub id of the form owner/name: a mistyped
+    name ('builtinn', a folder that does not exist) raises here instead of asking the hub."""
     if path_or_id == BUILTIN:
         from himap.builtin import model_dir
 
         return str(model_dir())
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    looks_like_path = path_or_id.startswith(("/", ".", "~")) or os.sep + os.sep in path_or_id \
+        or path_or_id.count("/") > 1 or os.path.exists(path_or_id)
+    if looks_like_path or not _HUB_ID.fullmatch(path_or_id):
+        import difflib
+
+        close = difflib.get_close_matches(path_or_id, [BUILTIN], n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r} (the shipped model)?" if close else ""
+        what = ("is a file, not a model folder" if os.path.isfile(path_or_id) else
+                "does not exist" if looks_like_path else
+                "is neither a local model folder nor a hub id of the form owner/name")
+        raise ValueError(f"model {path_or_id!r} {what}{hint}")
     return path_or_id
+
+
+def check_device(device) -> str:
+    """`device` as a string, after checking that torch can use it (a clear error instead of
+    torch's assertion when CUDA is asked for on a machine without it)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps): {err}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device ({built}); "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
+    return str(device)
+
+
+def check_attn_implementation(attn_implementation: str | None, device) -> None:
+    """Refuse attention kernels that cannot run here, before any weights load: flash-attention
+    needs the flash-attn package and a CUDA device."""
+    if attn_implementation not in ("flash_attention_2", "flash_attention_3"):
+        return
+    import importlib.util
+
+    package = "flash_attn" if attn_implementation == "flash_attention_2" else "flash_attn_interface"
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(f"attention {attn_implementation!r} needs the {package.replace('_', '-')} package "
+                         "(pip install flash-attn) and a CUDA GPU; use sdpa or eager")
+    if not str(device).startswith("cuda"):
+        raise ValueError(f"attention {attn_implementation!r} runs on CUDA only; use sdpa or eager on {device}")
+
+
+def load_image(path):
+    """An image file as RGB PIL, with a clear ImageError when it is missing, a folder, not an
+    image, or damaged (truncated files are read to the end here, not at the first forward)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ImageError(f"image {path!r} is a folder, not an image file")
+    if not os.path.isfile(path):
+        raise ImageError(f"image file {path!r} not found")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # decodes every pixel
+    except UnidentifiedImageError:
+        raise ImageError(f"{path!r} is not an image file that PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"image {path!r} is damaged or cut short ({err})") from None
 
 
 def _dtype(dtype):
@@ -52,6 +130,13 @@ def _dtype(dtype):
     return names[dtype]
 
 
+def model_config(path_or_id: str):
+    """The model's config alone (no weights): for checks and schedules before loading."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model_path(path_or_id))
+
+
 def load_model(path_or_id: str, attn_implementation: str = "sdpa", dtype=None, device: str = "cpu"):
     """(model, processor) in eval mode on `device`. dtype: None (fp32 on CPU, the checkpoint's
     on GPU), a torch dtype, or one of fp32 / bf16 / fp16."""
@@ -59,6 +144,8 @@ def load_model(path_or_id: str, attn_implementation: str = "sdpa", dtype=None, d
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = resolve_model_path(path_or_id)
+    device = check_device(device)
+    check_attn_implementation(attn_implementation, device)
     dtype = _dtype(dtype) or (torch.float32 if str(device).startswith("cpu") else "auto")
     model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn_implementation,
                                                         dtype=dtype)
@@ -184,9 +271,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "i
 
 
 def _rgb(im):
-    from PIL import Image
-
-    return Image.open(im).convert("RGB") if isinstance(im, (str, os.PathLike)) else im.convert("RGB")
+    """A PIL image as RGB; a path is read with load_image (clear errors for bad files)."""
+    return load_image(im) if isinstance(im, (str, os.PathLike)) else im.convert("RGB")
 
 
 def build_inputs(processor, images, prompts: list[str], device="cpu", dtype=None, videos=None,

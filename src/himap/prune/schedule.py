@@ -120,6 +120,33 @@ def get_schedule(method: "str | Schedule") -> Schedule:
     raise ValueError(f"unknown method {method!r}; presets: {', '.join(PRESETS)} (or pass a himap.Schedule)")
 
 
+REFERENCE_LAYERS = 32
+"""Decoder depth the presets were set for (LLaVA-1.5-7B, paper Table 3)."""
+PRESET_LAYERS = {"himap-13b": 40, "himap-13b-caption": 40}
+"""Presets set for another depth (LLaVA-1.5-13B)."""
+
+
+def fit_to_depth(schedule: Schedule, num_layers: int, reference_layers: int | None = None) -> Schedule:
+    """`schedule` itself when every K is below `num_layers`; otherwise its K values scaled to the
+    model's depth: K' = max(1, round(K * num_layers / reference_layers)), raised where needed to
+    stay strictly increasing (ratios and criteria unchanged). `reference_layers` defaults to the
+    depth the preset was set for (32, or 40 for the -13b presets). So a paper preset runs on a
+    shallow model (the built-in one has 10 layers: himap-caption's K=(2, 15) becomes (1, 5)) at
+    the same relative depths; callers should say so (the CLI prints a note)."""
+    if all(s.k < num_layers for s in schedule.stages):
+        return schedule
+    ref = reference_layers or PRESET_LAYERS.get(schedule.name.split("@")[-1], REFERENCE_LAYERS)
+    stages, last = [], 0
+    for s in schedule.stages:
+        k = max(1, round(s.k * num_layers / ref), last + 1)
+        if k >= num_layers:
+            raise ValueError(f"{schedule.name!r} (K={tuple(x.k for x in schedule.stages)}) cannot be scaled "
+                             f"to a model with {num_layers} decoder layers")
+        stages.append(dataclasses.replace(s, k=k))
+        last = k
+    return Schedule(tuple(stages), name=schedule.name)
+
+
 def with_overrides(schedule: Schedule, k: list[int | None] | None = None,
                    ratio: list[float | None] | None = None,
                    criterion: list[str | None] | None = None) -> Schedule:

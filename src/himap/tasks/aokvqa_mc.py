@@ -89,6 +89,15 @@ def load(data_dir: str, split: str | None = None, limit: int | None = None,
     return limit_items([_item(r, name, images, path) for r in rows], limit)
 
 
+ANSWER_FORM = "an option letter"
+
+
+def looks_like_answer(item: Item, text: str) -> bool:
+    """Whether `text` reads as an answer to this task (an option letter, lenient parser);
+    `himap score` refuses a file where none does (another task's answers)."""
+    return metrics.parse_letter(text, item.meta["n_options"]) is not None
+
+
 def score(items: list[Item], predictions: dict[str, str], **_) -> dict:
     """Multiple-choice accuracy (percent)."""
     have = require_predictions(items, predictions, NAME)

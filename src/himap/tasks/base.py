@@ -3,7 +3,10 @@
 A task is a module (one per benchmark, STYLE habit 6) defining NAME, VERSION, METRIC,
 DEFAULT_METHOD, MAX_NEW_TOKENS, DATA_HELP, `load(data_dir, split=None, limit=None)`,
 `build_prompt(...)` and `score(items, predictions, **kw)`, and NEEDS_DATA = False when it
-generates its items (data_dir may then be None). This file holds the Item record and
+generates its items (data_dir may then be None). `score` returns "n" (items with a prediction)
+and "missing", and "n_metric" when the primary metric covers fewer items than "n". A task with
+a fixed kind of answer defines ANSWER_FORM and `looks_like_answer(item, text)`, with which
+`himap score` refuses another task's answer file. This file holds the Item record and
 the small helpers the task modules share: reading files with clear errors, finding images,
 limiting item lists, and matching predictions to items.
 """
@@ -73,6 +76,36 @@ def read_json_or_jsonl(path: str):
         return json.loads(text)
     except json.JSONDecodeError:
         return read_jsonl(path)
+
+
+def read_ids(path: str) -> list[str]:
+    """Item ids from a JSON list (of ids or {"id": ...} objects), a JSON {"ids": [...]} or a JSONL
+    of either (e.g. `himap analyze filter`'s kept_ids.json, or a prediction file)."""
+    if not os.path.isfile(path):
+        raise DataError(f"ids file {path!r} does not exist")
+    data = read_json_or_jsonl(path)
+    if isinstance(data, dict) and "ids" in data:
+        data = data["ids"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of ids (or JSON lines)")
+    ids = []
+    for x in data:
+        if isinstance(x, dict):
+            if "id" not in x:
+                raise DataError(f"{path}: entry {x!r} has no 'id'")
+            x = x["id"]
+        ids.append(str(x))
+    return ids
+
+
+def select_ids(items: list[Item], ids: list[str], source: str) -> list[Item]:
+    """The items whose id is in `ids` (in the items' order); raise when none is."""
+    wanted = set(ids)
+    chosen = [it for it in items if it.id in wanted]
+    if wanted and not chosen:
+        raise DataError(f"none of the {len(wanted)} ids in {source} is among the {len(items)} items "
+                        f"(ids there look like {sorted(wanted)[:3]}; wrong task, split or file?)")
+    return chosen
 
 
 def image_dir(data_dir: str, candidates: list[str]) -> str:

@@ -156,4 +156,4 @@ def score(items: list[Item], predictions: dict[str, str], **kw) -> dict:
             "reference_mean": sum(s[0] for _, s in pairs) / len(pairs),
             "candidate_mean": sum(s[1] for _, s in pairs) / len(pairs),
             "judge_failures": len(failures), "judge_model": judge.config.model,
-            "n": len(have), "missing": len(missing)}
+            "n": len(have), "n_metric": len(pairs), "missing": len(missing)}

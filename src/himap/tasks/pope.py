@@ -83,6 +83,15 @@ def load(data_dir: str, split: str | None = None, limit: int | None = None,
     return limit_per_group([_load_split(data_dir, s, images) for s in splits], limit)
 
 
+ANSWER_FORM = "a yes/no answer"
+
+
+def looks_like_answer(item: Item, text: str) -> bool:
+    """Whether `text` reads as an answer to this task (a yes/no word); `himap score` refuses a
+    file where none does (another task's answers)."""
+    return metrics.says_yes_or_no(text)
+
+
 def score(items: list[Item], predictions: dict[str, str], **_) -> dict:
     """Per-split accuracy, precision, recall, F1 and yes-ratio (percent) with LLaVA's parsing;
     top level: the mean of each over the splits scored, and the pooled accuracy."""

@@ -83,21 +83,24 @@ def _image_path(folder: str, sample: synthetic.Sample) -> str:
     return path
 
 
-def item_of(sample: synthetic.Sample, folder: str) -> Item:
+def item_of(sample: synthetic.Sample, folder: str, render: bool = True) -> Item:
     answer = [sample.answer] if sample.kind == "caption" else sample.answer
     meta = {**sample.meta, "objects": [[o.colour, o.shape, list(o.cell)] for o in sample.objects]}
-    return Item(id=sample.id, image=_image_path(folder, sample), prompt=build_prompt(sample),
-                answer=answer, meta=meta)
+    image = _image_path(folder, sample) if render else os.path.join(folder, f"{sample.id}.png")
+    return Item(id=sample.id, image=image, prompt=build_prompt(sample), answer=answer, meta=meta)
 
 
-def load(data_dir: str | None = None, split: str | None = None, limit: int | None = None) -> list[Item]:
+def load(data_dir: str | None = None, split: str | None = None, limit: int | None = None,
+         render: bool = True) -> list[Item]:
     """Test items of the given splits (comma-separated, or None for mc, pope and caption);
-    `limit` keeps that many in total, spread evenly over the splits. Renders missing images."""
+    `limit` keeps that many in total, spread evenly over the splits. Renders missing images,
+    unless `render` is False (scoring needs none)."""
     names = parse_splits(split, SPLITS, DEFAULT_SPLITS)
     per = PER_SPLIT if limit is None else min(PER_SPLIT, -(-limit // max(1, len(names))))
     folder = cache_dir(data_dir)
-    os.makedirs(folder, exist_ok=True)
-    groups = [[item_of(s, folder) for s in test_samples(name, per)] for name in names]
+    if render:
+        os.makedirs(folder, exist_ok=True)
+    groups = [[item_of(s, folder, render) for s in test_samples(name, per)] for name in names]
     return limit_per_group(groups, limit)
 
 
@@ -123,6 +126,20 @@ def object_f1(prediction: str, reference: str) -> float:
 
 def _normalise(text: str) -> str:
     return " ".join(text.lower().replace(" .", ".").replace(" ,", ",").split())
+
+
+ANSWER_FORM = "an option letter (mc), a yes/no answer (pope) or a caption naming a coloured shape"
+
+
+def looks_like_answer(item: Item, text: str) -> bool:
+    """Whether `text` reads as an answer to the item's split; `himap score` refuses a file where
+    none does."""
+    split = item.meta["split"]
+    if split == "mc":
+        return metrics.parse_letter(text, len(item.meta["options"])) is not None
+    if split == "pope":
+        return metrics.says_yes_or_no(text)
+    return bool(caption_pairs(text))
 
 
 def score(items: list[Item], predictions: dict[str, str], **_) -> dict:
@@ -152,6 +169,7 @@ def score(items: list[Item], predictions: dict[str, str], **_) -> dict:
                                     "n": len(caps)}
     accs = [out["splits"][s]["accuracy"] for s in ("mc", "pope") if s in out["splits"]]
     out["accuracy"] = metrics.mean(accs)
+    out["n_metric"] = len(mc) + len(pope)  # the items `accuracy` covers (captions have their own scores)
     out.update({f"{s}_accuracy": out["splits"][s]["accuracy"] for s in ("mc", "pope") if s in out["splits"]})
     if "caption" in out["splits"]:
         out["caption_object_f1"] = out["splits"]["caption"]["object_f1"]
