@@ -131,12 +131,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip=(), types
             continue
         default = f.default
         flag = "--" + f.name.replace("_", "-")
-        text = f"{prefix_help}{helps.get(f.name, f.name.replace('_', ' '))} (default {default})".replace("%", "%%")
+        help_text = f"{prefix_help}{helps.get(f.name, f.name.replace('_', ' '))} (default {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             kind = (types or {}).get(f.name, type(default))
-            parser.add_argument(flag, type=kind, default=default, help=text)
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
 
 
 def note(message: str) -> None:
@@ -223,8 +224,7 @@ def resolve_methods(spec: str, shape=None, overrides: dict | None = None, defaul
             fitted = fit_to_depth(s, shape.num_layers)
             if fitted is not s:
                 note(f"note: {name}: K={tuple(x.k for x in s.stages)} does not fit this model's "
-                              f"{shape.num_layers} decoder layers; scaled to its depth: "
-                              f"K={tuple(x.k for x in fitted.stages)}")
+                     f"{shape.num_layers} decoder layers; scaled to its depth: K={tuple(x.k for x in fitted.stages)}")
                 s = fitted
         if overrides and s.stages:
             s = Schedule(with_overrides(s, **overrides).stages, name=override_name(name, **overrides))

@@ -401,6 +401,10 @@ def main(args) -> int:
     if args.quick:
         values.update(QUICK)
     cfg = DemoConfig(**values, progress=not args.no_progress)
+    if cfg.progress:
+        from himap.cli.common import note
+
+        note(f"himap demo: loading {cfg.model} and the built-in test set ...")
     out = run(cfg)
     print(report(out))
     summary = {"methods": {name: {k: m.get(k) for k in ("accuracy", "mc_accuracy", "pope_accuracy",

@@ -158,9 +158,9 @@ def check_answer_form(task, items, predictions: dict[str, dict[str, str]]) -> No
             continue
         like, n = counted
         if like == 0:
+            example = next(preds[it.id] for it in items if it.id in preds)
             raise DataError(f"{m}: none of the {n} predictions for {task.NAME} items reads as "
-                            f"{task.ANSWER_FORM} (e.g. {next(iter(preds.values()))[:60]!r}); "
-                            "is this another task's answer file?")
+                            f"{task.ANSWER_FORM} (e.g. {example[:60]!r}); is this another task's answer file?")
         if like < n / 2:
             print(f"warning: {m}: only {like} of {n} predictions read as {task.ANSWER_FORM}",
                   file=sys.stderr)

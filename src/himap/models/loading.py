@@ -49,8 +49,8 @@ def resolve_model_path(path_or_id: str) -> str:
         return str(model_dir())
     if os.path.isdir(path_or_id):
         return path_or_id
-    looks_like_path = path_or_id.startswith(("/", ".", "~")) or os.sep + os.sep in path_or_id \
-        or path_or_id.count("/") > 1 or os.path.exists(path_or_id)
+    looks_like_path = (path_or_id.startswith(("/", ".", "~")) or path_or_id.count("/") > 1
+                       or os.path.exists(path_or_id))
     if looks_like_path or not _HUB_ID.fullmatch(path_or_id):
         import difflib
 
@@ -85,15 +85,14 @@ def check_device(device) -> str:
 
 
 def check_attn_implementation(attn_implementation: str | None, device) -> None:
-    """Refuse attention kernels that cannot run here, before any weights load: flash-attention
+    """Refuse attention kernels that cannot run here, before any weights load: flash_attention_2
     needs the flash-attn package and a CUDA device."""
-    if attn_implementation not in ("flash_attention_2", "flash_attention_3"):
+    if attn_implementation != "flash_attention_2":
         return
     import importlib.util
 
-    package = "flash_attn" if attn_implementation == "flash_attention_2" else "flash_attn_interface"
-    if importlib.util.find_spec(package) is None:
-        raise ValueError(f"attention {attn_implementation!r} needs the {package.replace('_', '-')} package "
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ValueError(f"attention {attn_implementation!r} needs the flash-attn package "
                          "(pip install flash-attn) and a CUDA GPU; use sdpa or eager")
     if not str(device).startswith("cuda"):
         raise ValueError(f"attention {attn_implementation!r} runs on CUDA only; use sdpa or eager on {device}")
