@@ -1,7 +1,6 @@
 """`himap generate` and himap.models.loading on a tiny random model saved with an offline processor."""
 
 import json
-import os
 
 import pytest
 

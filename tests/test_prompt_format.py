@@ -2,7 +2,6 @@
 it) and generation without KV cache (the official code's use_cache=False), issue 14."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -165,9 +164,9 @@ def test_recompute_ranks_with_generated_tokens_among_the_instruction_rows(eager_
         assert kept_steps[t][0][0] == expected, t
 
 
-def test_generate_and_eval_cli_take_prompt_format_and_no_cache(tmp_path, shared_dir, capsys):
+def test_generate_and_eval_cli_take_prompt_format_and_no_cache(tmp_path, image_files, capsys):
     model_dir = save_tiny_model_dir(tmp_path / "model", seed=3)
-    image = os.path.join(shared_dir, "data", "images", "waterview.jpg")
+    image = image_files[1]
     assert main(["generate", "--model", model_dir, "--image", image, "--prompt", "What is it?", "--method", "himap",
                  "--max-new-tokens", "3", "--prompt-format", "llava-v1", "--no-cache", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
