@@ -423,7 +423,7 @@ def test_eval_ids_and_skip_missing(tiny_model_dir, fixtures_dir, tmp_path, capsy
     out, err = capsys.readouterr()
     final = json.loads(out.strip().splitlines()[-1])
     assert final["n_items"] == 6 and final["skipped_missing"] == 10
-    assert "--skip-missing left out 10 of 16 items" in err
+    assert "--skip-missing left out 10 of 16 items whose image file is absent; evaluating 6" in err
     ran = [json.loads(l)["id"] for l in open(E.prediction_path(E.run_dir(str(tmp_path / "skip"), "pope", None), "vanilla"))]
     assert sorted(ran) == sorted(it.id for it in present)
 

@@ -67,7 +67,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from himap.cli.common import model_shape, note, overrides_from_args, resolve_methods
+    from himap.cli.common import model_shape, overrides_from_args, resolve_methods
     from himap.evaluation.runner import (
         EvalConfig,
         LazyPredictor,
@@ -104,9 +104,6 @@ def main(args) -> int:
                     "judge_model": args.judge_model, "judge_api_key_env": args.judge_api_key_env,
                     "judge_cache": os.path.join(args.out, f"{task.NAME}.judge_cache.jsonl")}
     result = evaluate(cfg, schedules, predictor, arch=arch, score_kwargs=score_kwargs, merge_only=args.merge)
-    if result.skipped_missing:
-        note(f"note: --skip-missing left out {result.skipped_missing} of "
-             f"{result.skipped_missing + result.n_items} items whose image file is absent")
     if rank != 0:
         print(json.dumps({"rank": rank, "world_size": world, "predicted": result.predicted}))
         return 0

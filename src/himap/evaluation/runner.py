@@ -580,6 +580,9 @@ def evaluate(cfg: EvalConfig, schedules: list[Schedule], predictor: PredictorFac
     if not items:
         raise EvalError(f"task {task.NAME!r} has no items for split={cfg.split!r} limit={cfg.limit!r}"
                         + (f" ({skipped} left out for lacking an image file)" if skipped else ""))
+    if skipped and cfg.rank == 0:
+        print(f"note: --skip-missing left out {skipped} of {skipped + len(items)} items whose image file is "
+              f"absent; evaluating {len(items)}", file=sys.stderr)
     names = [s.name for s in schedules]
     if len(set(map(safe_name, names))) != len(names):
         raise EvalError(f"method names must be distinct (as file names): {names}")
