@@ -10,6 +10,7 @@ that himap.cli.main prints with exit code 2, so commands hold no try/except of t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -219,7 +220,7 @@ def resolve_methods(spec: str, shape=None, overrides: dict | None = None, defaul
                              f"must be at most {shape.num_layers - 1} (layer K-1 ranks, layers K.. are pruned)")
     schedules = []
     for name in names:
-        s = Schedule(resolve(name, shape).stages, name=name)
+        s = dataclasses.replace(resolve(name, shape), name=name)
         if shape is not None:
             fitted = fit_to_depth(s, shape.num_layers)
             if fitted is not s:
@@ -227,9 +228,10 @@ def resolve_methods(spec: str, shape=None, overrides: dict | None = None, defaul
                      f"{shape.num_layers} decoder layers; scaled to its depth: K={tuple(x.k for x in fitted.stages)}")
                 s = fitted
         if overrides and s.stages:
-            s = Schedule(with_overrides(s, **overrides).stages, name=override_name(name, **overrides))
+            s = dataclasses.replace(with_overrides(s, **overrides), name=override_name(name, **overrides))
         if shape is not None:
             s.validate_for(shape.num_layers)
+            s = s.for_layers(shape.num_layers)  # the layers that run (peers: scaled to the depth)
         schedules.append(s)
     return schedules
 

@@ -83,23 +83,24 @@ def report(arch, schedules, shape: PromptShape, attention: str, dtype: str) -> d
 
     costs = [full_cost(arch, s, shape, attention, dtype) for s in schedules]
     base = costs[0]
+    n_image = arch.image_tokens if shape.n_image is None else shape.n_image
     rows = []
     for s, c in zip(schedules, costs):
-        kept = [c.image_tokens_per_layer[0]] + [c.image_tokens_per_layer[st.k] for st in s.stages]
+        kept = [n_image] + [c.image_tokens_per_layer[st.k] for st in s.stages]
         rows.append({
             "method": s.name, "stages": [[st.k, st.ratio, st.criterion] for st in s.stages],
             "image_tokens_after_stages": kept,
             "paper_tflops": c.paper / 1e12, "paper_ratio": c.paper / base.paper if base.paper else None,
             "prefill_tflops": c.prefill / 1e12, "prefill_ratio": c.prefill / base.prefill,
-            "prefill_with_vision_tflops": (c.prefill + c.vision) / 1e12,
-            "prefill_with_vision_ratio": (c.prefill + c.vision) / (base.prefill + base.vision),
+            "prefill_with_vision_tflops": (c.prefill + c.vision_side) / 1e12,
+            "prefill_with_vision_ratio": (c.prefill + c.vision_side) / (base.prefill + base.vision_side),
             "total_tflops": c.total / 1e12, "total_ratio": c.total / base.total,
             "kv_cache_bytes": c.kv_cache_bytes, "kv_cache_ratio": c.kv_cache_bytes / base.kv_cache_bytes,
             "cost": c.to_dict(),
         })
     arch_d = {k: v for k, v in vars(arch).items() if k != "vision"}
     arch_d["vision"] = vars(arch.vision) if arch.vision else None
-    return {"arch": arch_d, "shape": vars(shape) | {"n_image": costs[0].image_tokens_per_layer[0]},
+    return {"arch": arch_d, "shape": vars(shape) | {"n_image": n_image},
             "attention": attention, "kv_dtype": dtype, "methods": rows}
 
 

@@ -299,13 +299,13 @@ def summarize(records: list[dict], names: list[str], costs: dict) -> dict:
             m[f"speedup_vs_{ref}"] = {key: per_round_ratio(ref, n, key) for key in TIMES}
         c, v = costs[n], costs.get("vanilla")
         m["analytic"] = {"paper_tflops": c.paper / 1e12, "prefill_tflops": c.prefill / 1e12,
-                         "prefill_with_vision_tflops": (c.prefill + c.vision) / 1e12,
+                         "prefill_with_vision_tflops": (c.prefill + c.vision_side) / 1e12,
                          "total_tflops": c.total / 1e12, "kv_cache_bytes_per_example": c.kv_cache_bytes}
         if v is not None:
             m["analytic"].update(
                 paper_speedup=v.paper / c.paper if c.paper else None,
                 prefill_speedup=v.prefill / c.prefill,
-                prefill_with_vision_speedup=(v.prefill + v.vision) / (c.prefill + c.vision),
+                prefill_with_vision_speedup=(v.prefill + v.vision_side) / (c.prefill + c.vision_side),
                 total_speedup=v.total / c.total)
             measured = m["speedup_vs_vanilla"]["ttft_s"]
             m["prefill_speedup_vs_analytic"] = {

@@ -10,8 +10,10 @@ Two conventions, both computed from the same per-layer token counts (`layer_toke
 - Full count (`full_cost`): real FLOPs (2 per multiply-accumulate, what torch.utils.flop_counter
   reports) over every token in the sequence: system + image + instruction tokens, GQA-aware K/V
   projections, the gated three-matrix Llama MLP, attention over the sequence each layer actually
-  holds, the ranking rows of each stage, the LM head of each generated token, and the decode
-  steps attending to the pruned KV cache. Optionally the vision tower and projector.
+  holds, the ranking rows of each stage (and the peers' selection work: PyramidDrop's recomputed
+  projections, DART's and DivPrune's similarities, VisionZip's [CLS] row and merge similarities on
+  the vision side), the LM head of each generated token, and the decode steps attending to the
+  pruned KV cache. Optionally the vision tower and projector.
   Elementwise work (norms, RoPE, softmax, activations) is not counted, as in flop_counter.
 
 Architecture presets come from public configs and need no weights; `Arch.from_config` reads any
@@ -332,7 +334,7 @@ def paper_flops(arch: Arch, method: "str | Schedule", n_image: int | None = None
     For two stages this is exactly eq. (10)'s numerator K1*Omega(n) + (K2-K1)*Omega(n1) +
     (L-K2)*Omega(n2), with n1, n2 from floor-based keep counts (equal to eq. 10's for n = 576).
     """
-    _, images = layer_tokens(get_schedule(method), PromptShape(0, 0, 0, n_image), arch)
+    _, images = layer_tokens(get_schedule(method).for_layers(arch.num_layers), PromptShape(0, 0, 0, n_image), arch)
     return sum(omega(n, arch.hidden, arch.intermediate) for n in images)
 
 
@@ -374,8 +376,11 @@ def attention_flops(arch: Arch, queries: int, keys: int, mode: str = "dense") ->
 
 
 RANKING_ROWS = {"phi_sh": "instruction", "phi_dp": "image", "phi_dp_row": "image", "phi_last": "last",
-                "random": None, "embed_norm": None, "gradient": None}
-"""Query rows whose attention each criterion reads at layer K-1 (None: no attention rows)."""
+                "random": None, "embed_norm": None, "gradient": None, "pdrop": None, "dart": None,
+                "divprune": None, "visionzip": None}
+"""Query rows whose attention each criterion reads at layer K-1 (None: no attention rows; the
+peers' own work is counted by `peer_selection_flops`)."""
+PEER_CRITERIA = ("pdrop", "dart", "divprune", "visionzip")
 
 
 def ranking_flops(arch: Arch, schedule: Schedule, shape: PromptShape) -> int:
@@ -384,13 +389,18 @@ def ranking_flops(arch: Arch, schedule: Schedule, shape: PromptShape) -> int:
     `reduced_attention` takes the rows in chunks (`chunk_rows` at batch 1), each chunk's QK^T
     against the keys up to its last row (causal) and one matrix-vector product over its heads and
     rows (the head mean and the column or row sum); a criterion without a reduction computes its
-    rows against every key. The `gradient` criterion's backward pass is not modelled (0)."""
+    rows against every key. Peer criteria count their own decoder-side work
+    (`peer_selection_flops`). The `gradient` criterion's backward pass is not modelled (0)."""
     from himap.prune import criteria
     from himap.prune.engine import ROW_CHUNK_BYTES, chunk_rows
 
+    schedule = schedule.for_layers(arch.num_layers)
     tokens, images = layer_tokens(schedule, shape, arch)
     heads, total = arch.num_heads, 0
     for stage in schedule.stages:
+        if RANKING_ROWS[stage.criterion] is None and stage.criterion in PEER_CRITERIA:
+            total += peer_selection_flops(arch, stage, shape, tokens, images)[0]
+            continue
         t, n = tokens[stage.k - 1], images[stage.k - 1]
         first = {"instruction": t - shape.n_instruction, "image": shape.n_system, "last": t - 1,
                  None: 0}[RANKING_ROWS[stage.criterion]]
@@ -404,6 +414,56 @@ def ranking_flops(arch: Arch, schedule: Schedule, shape: PromptShape) -> int:
             keys = start + rows  # the chunk's last row + 1
             total += 2 * rows * keys * heads * (arch.d_head + 1)  # QK^T, then the reduction
     return total
+
+
+def vision_ranking_flops(arch: Arch, schedule: Schedule, shape: PromptShape) -> int:
+    """FLOPs of criteria that select on the vision side (VisionZip), per example."""
+    schedule = schedule.for_layers(arch.num_layers)
+    tokens, images = layer_tokens(schedule, shape, arch)
+    return sum(peer_selection_flops(arch, st, shape, tokens, images)[1] for st in schedule.stages
+               if st.criterion in PEER_CRITERIA)
+
+
+def peer_selection_flops(arch: Arch, stage, shape: PromptShape, tokens: list[int], images: list[int]) -> tuple[int, int]:
+    """(decoder-side, vision-side) FLOPs of one peer stage's selection, as himap.prune.peers and
+    the engine compute it (matrix products only, 2 per multiply-accumulate; norms, softmax, sorting
+    and the greedy loops are elementwise and not counted, as in torch.utils.flop_counter):
+
+    - pdrop: layer K's key projection for every token present and query projection for the last
+      prompt token, and that row's QK^T (the official code also projects every query and value);
+    - dart: cosine similarities of the pivots (image + instruction) with the image tokens, d-wide;
+    - divprune: the n x n cosine matrix of the n image tokens, d-wide;
+    - visionzip: the [CLS] query row against every encoder token (d_v) and the similarities of the
+      merged tokens to the contextual targets (head_dim_v); per image, on the vision side.
+    Other criteria: (0, 0)."""
+    from himap.prune.schedule import stage_kept
+
+    d, hd = arch.hidden, arch.d_head
+    n0 = images[0] if stage.k else _n_image(arch, shape)
+    n_before = images[stage.k - 1] if stage.k else n0
+    t_before = tokens[stage.k - 1] if stage.k else shape.n_system + shape.n_instruction + n0
+    if stage.criterion == "pdrop":
+        return (2 * d * arch.num_heads * hd + 2 * t_before * d * arch.num_kv_heads * hd
+                + 2 * t_before * arch.num_heads * (hd + 1)), 0  # reduced_attention: QK^T row, then the head mean
+    if stage.criterion == "dart":
+        kept = stage_kept(stage, n_before, n0)
+        pivots = min(max(1, int(stage.option("pivot_image") * n0 + 1e-9)), kept)
+        pivots += min(int(stage.option("pivot_text")), shape.n_instruction)
+        return 2 * pivots * n_before * d, 0
+    if stage.criterion == "divprune":
+        return 2 * n_before * n_before * d, 0
+    if stage.criterion == "visionzip":
+        v = arch.vision
+        if v is None:
+            return 0, 0
+        p = arch.image_tokens
+        kept = stage_kept(stage, p, p)
+        dominant = min(kept, int(stage.option("dominant", 0.0) * p + 1e-9))
+        contextual = kept - dominant
+        others = p - dominant - contextual if contextual > 0 else 0
+        per_image = 2 * (v.num_patches + 1) * v.hidden + 2 * others * contextual * (v.hidden // v.num_heads)
+        return 0, per_image * max(1, n0 // p)
+    return 0, 0
 
 
 def vision_flops(arch: Arch) -> int:
@@ -442,6 +502,7 @@ class Cost:
     decode_attention: int  # decode steps attending to the (pruned) KV cache
     lm_head_decode: int  # the LM-head rows of the decode steps
     vision: int  # vision tower + projector (one image)
+    vision_ranking: int  # selection work of a criterion on the vision side (VisionZip), 0 otherwise
     paper: int  # paper convention (image tokens only, MACs), for reference
     kv_cache_bytes: int  # KV cache after prefill
     kv_cache_bytes_final: int  # KV cache after the last decode step (new_tokens - 1 more entries per layer)
@@ -463,13 +524,19 @@ class Cost:
         return self.prefill + self.decode
 
     @property
+    def vision_side(self) -> int:
+        """Vision tower + projector + vision-side selection."""
+        return self.vision + self.vision_ranking
+
+    @property
     def total(self) -> int:
-        """Decoder + vision tower + projector."""
-        return self.decoder + self.vision
+        """Decoder + vision tower + projector + vision-side selection."""
+        return self.decoder + self.vision_side
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.update(prefill=self.prefill, decode=self.decode, decoder=self.decoder, total=self.total)
+        out.update(prefill=self.prefill, decode=self.decode, decoder=self.decoder, vision_side=self.vision_side,
+                   total=self.total)
         return out
 
 
@@ -488,7 +555,7 @@ def full_cost(arch: Arch, method: "str | Schedule", shape: PromptShape = PromptS
     the prefill logits (one LM-head row), each further one from a decode step where every layer
     runs one token that attends to its cache (tokens[l] + steps so far + itself).
     """
-    schedule = get_schedule(method)
+    schedule = get_schedule(method).for_layers(arch.num_layers)
     tokens, images = layer_tokens(schedule, shape, arch)
     steps = max(shape.new_tokens - 1, 0)  # decode steps
     lm_row = 2 * arch.hidden * arch.vocab
@@ -501,7 +568,8 @@ def full_cost(arch: Arch, method: "str | Schedule", shape: PromptShape = PromptS
         decode_linear=steps * sum(layer_linear_flops(arch, 1) for _ in tokens),
         decode_attention=sum(attention_flops(arch, 1, t + j) for t in tokens for j in range(1, steps + 1)),
         lm_head_decode=steps * lm_row,
-        vision=vision_flops(arch), paper=sum(omega(n, arch.hidden, arch.intermediate) for n in images),
+        vision=vision_flops(arch), vision_ranking=vision_ranking_flops(arch, schedule, shape),
+        paper=sum(omega(n, arch.hidden, arch.intermediate) for n in images),
         kv_cache_bytes=kv_cache_bytes(arch, tokens, dtype),
         kv_cache_bytes_final=kv_cache_bytes(arch, [t + steps for t in tokens], dtype),
         attention=attention,

@@ -117,16 +117,16 @@ def compare(model, inputs: dict, method="vanilla", new_tokens: int = 0) -> dict:
             _, measured = count_flops(model, model.generate, **inputs, max_new_tokens=new_tokens,
                                       min_new_tokens=new_tokens, do_sample=False)
     if new_tokens == 0:
-        analytic = {"vision": cost.vision,
+        analytic = {"vision": cost.vision + cost.vision_ranking,
                     "decoder": cost.prefill_linear + cost.prefill_attention + cost.ranking,
                     "lm_head": cost.lm_head_prefill}
     else:
-        analytic = {"vision": cost.vision,
+        analytic = {"vision": cost.vision + cost.vision_ranking,
                     "decoder": cost.prefill_linear + cost.prefill_attention + cost.ranking
                     + cost.decode_linear + cost.decode_attention,
                     "lm_head": cost.lm_head_prefill + cost.lm_head_decode}
     analytic["total"] = sum(analytic.values())
-    analytic["ranking"] = cost.ranking
+    analytic["ranking"] = cost.ranking + cost.vision_ranking
     measured_d = measured.to_dict()
     rel = {k: (measured_d[k] - analytic[k]) / analytic[k] if analytic[k] else float(measured_d[k] != 0)
            for k in ("vision", "decoder", "lm_head", "total")}

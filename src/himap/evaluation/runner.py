@@ -165,8 +165,16 @@ def write_json(path: str, obj) -> None:
 # ---------------------------------------------------------------- meta (resume safety)
 
 def schedule_dict(schedule: Schedule) -> list[dict]:
-    """Stages as plain dicts (recorded with the predictions and in summaries)."""
-    return [dataclasses.asdict(s) for s in schedule.stages]
+    """Stages as plain dicts (recorded with the predictions and in summaries), as they read back
+    from JSON (options become lists), so a resumed run compares equal."""
+    out = []
+    for stage in schedule.stages:
+        d = dataclasses.asdict(stage)
+        for name, default in (("keep", None), ("options", ())):  # absent when unused: older files compare equal
+            if d[name] == default:
+                del d[name]
+        out.append(d)
+    return json.loads(json.dumps(out))
 
 
 def method_meta(cfg: EvalConfig, task, schedule: Schedule, max_new_tokens: int) -> dict:
@@ -178,6 +186,8 @@ def method_meta(cfg: EvalConfig, task, schedule: Schedule, max_new_tokens: int) 
         meta["prompt_format"] = cfg.prompt_format
     if cfg.no_cache:
         meta["no_cache"] = True
+    if schedule.positions != "original":
+        meta["positions"] = schedule.positions
     return meta
 
 
@@ -303,7 +313,7 @@ def cost_columns(arch, schedule: Schedule, records: list[dict]) -> dict:
     """TFLOPs of a method: the paper convention (image tokens only, eq. 10; MACs as the paper
     counts them) and the full count (all tokens, every decoder matrix product, decode steps and
     LM head, per example, mean over the items; the vision tower is left out as it is the same for
-    every method). "unavailable" with the reason when they cannot be computed."""
+    every method, a criterion's own work on the vision side (VisionZip's) is included). "unavailable" with the reason when they cannot be computed."""
     out = {"tflops_paper": None, "tflops_paper_ratio": None, "tflops_full": None, "flops_note": ""}
     if arch is None:
         out["flops_note"] = "FLOPs unavailable: no cost model for this model (himap.cost.flops)"
@@ -324,8 +334,9 @@ def cost_columns(arch, schedule: Schedule, records: list[dict]) -> dict:
             for r in shapes:
                 key = tuple(r[k] for k in need)
                 if key not in per_shape:
-                    per_shape[key] = full_cost(arch, schedule, PromptShape(
-                        r["n_system"], r["n_instruction"], r["new_tokens"], r["n_image"])).decoder
+                    c = full_cost(arch, schedule, PromptShape(
+                        r["n_system"], r["n_instruction"], r["new_tokens"], r["n_image"]))
+                    per_shape[key] = c.decoder + c.vision_ranking
             total = sum(per_shape[tuple(r[k] for k in need)] for r in shapes)
             out["tflops_full"] = total / len(shapes) / 1e12
         except ValueError as err:

@@ -134,7 +134,7 @@ def unique_schedules(schedules: list[Schedule]) -> tuple[list[Schedule], dict[st
     first: dict[tuple, str] = {}
     kept, alias = [], {}
     for s in schedules:
-        key = tuple(s.stages)
+        key = (tuple(s.stages), s.positions)
         if key in first:
             alias[s.name] = first[key]
         else:
@@ -157,7 +157,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def stages_text(schedule_dicts: list[dict]) -> str:
     """'K:R:criterion' per stage, e.g. '2:0.5:phi_sh 8:0.75:phi_dp'; long uniform schedules are
     shortened to their first and last stage."""
-    parts = [f"{s['k']}:{s['ratio']:.3g}:{s['criterion']}" for s in schedule_dicts]
+    parts = [f"{s['k']}:{s['ratio']:.3g}:{s['criterion']}" if s.get("keep") is None
+             else f"{s['k']}:keep={s['keep']:.3g}:{s['criterion']}" for s in schedule_dicts]
     if len(parts) > 4:
         parts = [parts[0], f"... ({len(parts)} stages) ...", parts[-1]]
     return " ".join(parts) or "none"
@@ -313,9 +314,10 @@ def plan(cfg: SweepConfig, arch) -> list[tuple[TaskSpec, list[str], list[Schedul
         for n in names:
             try:
                 # keep the requested spelling as the name (k1=1-r1=.25@himap = k1=1-r1=0.25@himap)
-                s = Schedule(resolve(n, shape).stages, name=n)
+                s = dataclasses.replace(resolve(n, shape), name=n)
                 if arch is not None:
                     s.validate_for(arch.num_layers)
+                    s = s.for_layers(arch.num_layers)  # the layers that run (peers: scaled to the depth)
             except ValueError as err:
                 raise ValueError(f"task {spec.name}, method {n!r}: {err}") from err
             schedules.append(s)

@@ -74,6 +74,7 @@ class Adapter:
     video_frames: Callable | None = None  # (model, multimodal call kwargs) -> frames per video, in batch order
     check: Callable | None = None  # (model, schedule) -> None, raises when the schedule does not fit the family
     refuse: str | None = None  # why himap cannot prune this family (apply raises TypeError with it)
+    vision_features: Callable | None = None  # model -> VisionFeatures (criteria that read the vision tower)
 
     def image_token_id(self, model) -> int:
         """The image token id (the first visual token id)."""
@@ -84,7 +85,37 @@ _IMAGE = _token_ids("image_token_id")
 _IMAGE_VIDEO = _token_ids("image_token_id", "video_token_id")
 _VIDEO = lambda m: int(m.config.video_token_id)  # noqa: E731
 
-LLAVA = Adapter(name="llava", classes=("LlavaForConditionalGeneration",), visual_token_ids=_IMAGE)
+
+@dataclass(frozen=True)
+class VisionFeatures:
+    """Where a criterion that reads the vision tower (VisionZip) finds what it needs."""
+
+    attention: object  # encoder attention module (q_proj, k_proj, num_heads, scale) of the feature layer
+    projector: object  # module whose forward takes the selected features [images, tokens, dim]
+    offset: int  # encoder token index of the projector's first token (1 when [CLS] is cropped, else 0)
+
+
+def llava_vision_features(model) -> VisionFeatures:
+    """LLaVA: the CLIP encoder layer whose output is the feature layer (`vision_feature_layer`; VisionZip
+    reads layer -2's attention with the -2 features), the multi-modal projector, and the [CLS] crop
+    of the "default" strategy. A feature layer of 0 (the embeddings, as in the built-in model's one-layer
+    tower) has no producing layer: the first encoder layer, which reads them, is used."""
+    cfg = model.config
+    tower = model.model.vision_tower
+    layers = getattr(tower, "vision_model", tower).encoder.layers  # CLIPVisionModel or its transformer
+    f = cfg.vision_feature_layer
+    if not isinstance(f, int):
+        raise TypeError(f"vision_feature_layer={f!r} concatenates several layers; VisionZip reads one")
+    h = f if f >= 0 else len(layers) + 1 + f  # index into the encoder's hidden states (0: embeddings)
+    offsets = {"default": 1, "full": 0}
+    if cfg.vision_feature_select_strategy not in offsets:
+        raise TypeError(f"unknown vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}")
+    return VisionFeatures(layers[max(h - 1, 0)].self_attn, model.model.multi_modal_projector,
+                          offsets[cfg.vision_feature_select_strategy])
+
+
+LLAVA = Adapter(name="llava", classes=("LlavaForConditionalGeneration",), visual_token_ids=_IMAGE,
+                vision_features=llava_vision_features)
 LLAVA_NEXT = Adapter(name="llava-next", classes=("LlavaNextForConditionalGeneration",), visual_token_ids=_IMAGE)
 LLAVA_ONEVISION = Adapter(name="llava-onevision", classes=("LlavaOnevisionForConditionalGeneration",),
                           visual_token_ids=_IMAGE_VIDEO, video_token_id=_VIDEO,

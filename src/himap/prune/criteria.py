@@ -125,3 +125,13 @@ def select_kept(scores: torch.Tensor, sets: TokenSets, ratio: float, drop_all: b
     keep_sorted = (g_sorted >= 0) & (rank_sorted < keep_n)
     keep_image = torch.zeros_like(sets.image).scatter(1, order, keep_sorted)
     return ~sets.image | keep_image
+
+
+def select_top(scores: torch.Tensor, sets: TokenSets, keep_n: list[int]) -> torch.Tensor:
+    """[B, T] mask: every non-image position and sample b's keep_n[b] highest-scoring visual tokens
+    (ties: the earlier position wins); the peers' stages, whose counts are not a ratio of those present."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # [B, T]
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    keep_image = sets.image & (rank < torch.tensor(keep_n, device=scores.device)[:, None])
+    return ~sets.image | keep_image

@@ -23,6 +23,16 @@ output classes. himap attaches only through public extension points, all undone 
 Decode steps attend to the pruned cache: layers from K1 on get a mask built from the call's 2D
 attention mask with the kept prompt columns selected. A layout this module does not recognise
 (a renamed keyword, a missing attribute) raises at `apply`, naming the transformers version.
+
+Peer methods (docs/peers.md, selection rules in himap.prune.peers) use the same machinery: a stage
+at K = 0 prunes in layer 0's pre-hook (the layer receives the input embeddings; decode steps then
+take the true past length from the prefill's record, not from layer 0's shortened cache); DART's
+criterion reads layer K-1's keys through the attention function; PyramidDrop's ranks with layer K's
+own projections (`next_layer_rows`, checked against the keys layer K computes); VisionZip's
+selection and merging happen on the vision tower (himap.prune.vision). A schedule with
+`positions="contiguous"` renumbers the kept tokens' RoPE positions 0, 1, 2, ... (prefill: the
+library's cos/sin gathered at the renumbered index; decode: the decoder's rotary embedding at the
+true position minus the prompt tokens dropped before that layer).
 """
 
 from __future__ import annotations
@@ -37,9 +47,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from himap.prune import criteria
+from himap.prune import criteria, peers, vision
 from himap.prune.adapters import find_adapter
-from himap.prune.schedule import Schedule, Stage, get_schedule
+from himap.prune.schedule import Schedule, Stage, get_schedule, stage_kept
 from himap.prune.tokens import TokenSets, token_sets, visual_groups
 
 _WRAPPER_PREFIX = "himap_"
@@ -93,14 +103,17 @@ class PruneStats:
 
 @dataclass
 class _Capture:
-    """A pending request for attention rows inside one layer."""
+    """A pending request for attention rows (and/or keys) inside one layer."""
 
     layer: int
-    rows: torch.Tensor  # [B, T] query positions to compute
+    rows: torch.Tensor | None  # [B, T] query positions to compute; None: no rows
     valid: torch.Tensor  # [B, T] key positions that are not padding
     reduce: str | None = None  # "column" / "row": reduce while computing (criteria.REDUCTIONS); None: dense rows
     columns: torch.Tensor | None = None  # [B, T] key positions a "row" reduction sums over
     attn: torch.Tensor | None = None  # dense: [B, T, T] filled rows (head mean), the rest zero; reduced: [B, T]
+    want_keys: bool = False  # also keep the layer's post-RoPE keys (DART's pivots)
+    key: torch.Tensor | None = None  # [B, Hkv, T, D]
+    done: bool = False
 
 
 @dataclass
@@ -144,6 +157,8 @@ class _Call:
     tokens: _Tokens | None = None  # tokens present (prefill)
     image_index: torch.Tensor | None = None  # [B, T] index among the sample's visual tokens
     groups: torch.Tensor | None = None  # [B, T] image / video frame of each visual token (per-image quota)
+    n_image: list = field(default_factory=list)  # [B] image tokens of each sample's prompt (prefill)
+    first_valid: torch.Tensor | None = None  # [B] index of each sample's first prompt token
     layer_counts: list = field(default_factory=list)  # [(tokens [B], image tokens [B], layers)] (prefill)
 
 
@@ -177,6 +192,8 @@ class PruneHandle:
         self._call: _Call | None = None
         self._prefill = None  # (weakref to its cache or None, prompt length, [_Segment]) of the last prefill
         self._probing = False  # layers run by the gradient criterion: hooks stand aside
+        self._key_check = None  # (layer, [B, Hkv, T', D/2] expected key pair norms): PyramidDrop's check
+        self._vision = None  # himap.prune.vision.VisionState when a stage reads the vision tower
         self._hooks = []
 
     def __repr__(self):
@@ -274,6 +291,50 @@ def reduced_attention(query: torch.Tensor, key: torch.Tensor, rows: torch.Tensor
     return out
 
 
+def next_layer_rows(layer, hidden: torch.Tensor, position_embeddings, rows: torch.Tensor,
+                    key_valid: torch.Tensor, budget_bytes: int = ROW_CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyramidDrop's ranking attention: the attention the rows `rows` would get in `layer` on
+    `hidden` (its input), from the layer's own input norm, query and key projections and RoPE
+    (the official `pdrop_rank_drop` does the same before the layer runs on fewer tokens).
+
+    Only the asked rows' queries are projected. Returns (the column sums of those rows, head-mean,
+    [B, T], as `reduced_attention`; the post-RoPE keys [B, Hkv, T, D] for the run-time check)."""
+    attn = layer.self_attn
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    b, t, _ = hidden.shape
+    hd = attn.head_dim
+    normed = layer.input_layernorm(hidden)
+    row_idx = rows.any(dim=0).nonzero().squeeze(1)  # [r]
+    key = attn.k_proj(normed).view(b, t, -1, hd).transpose(1, 2)  # [B, Hkv, T, D]
+    q_rows = attn.q_proj(normed[:, row_idx]).view(b, row_idx.numel(), -1, hd).transpose(1, 2)  # [B, Hq, r, D]
+    cos, sin = position_embeddings
+    key, _ = rope(key, key, cos, sin)
+    q_rows, _ = rope(q_rows, q_rows, cos[:, row_idx], sin[:, row_idx])
+    query = q_rows.new_zeros((b, q_rows.shape[1], t, hd))
+    query[:, :, row_idx] = q_rows
+    return reduced_attention(query, key, rows, key_valid, attn.scaling, "column", budget_bytes=budget_bytes), key
+
+
+def _pair_norms(key: torch.Tensor) -> torch.Tensor:
+    """Norms of the (i, i + D/2) pairs RoPE rotates together: the same before and after RoPE."""
+    half = key.shape[-1] // 2
+    return (key[..., :half].float() ** 2 + key[..., half:].float() ** 2).sqrt()
+
+
+def _check_next_layer_keys(handle: "PruneHandle", key: torch.Tensor) -> None:
+    """Layer K's own keys of the kept tokens must match the ones `next_layer_rows` computed for the
+    ranking (up to RoPE, as contiguous positions renumber them); else the layer is not laid out as
+    the recomputation assumes (a norm, bias or projection it does not know) and the ranking would be
+    silently wrong."""
+    layer, expected = handle._key_check
+    handle._key_check = None
+    got = _pair_norms(key.detach())
+    tol = 1e-4 if key.dtype == torch.float32 else 3e-2
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=tol, atol=tol * float(expected.abs().max())):
+        raise _layout_error(f"PyramidDrop's ranking recomputed layer {layer}'s keys, and they differ from the "
+                            f"keys the layer computes itself")
+
+
 def _base_attention(module, base_impl: str):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -286,15 +347,20 @@ def _wrapped_attention(module, query, key, value, attention_mask, **kwargs):
     """Registered attention function: the model's own implementation, plus ranking rows in K-1."""
     handle: PruneHandle = module._himap_handle
     cap = handle._capture
-    if cap is not None and cap.layer == module.layer_idx and cap.attn is None and not handle._probing:
+    if cap is not None and cap.layer == module.layer_idx and not cap.done and not handle._probing:
         t0 = _clock(query, handle.sync_timing)
         scaling = kwargs.get("scaling") or module.scaling
-        if cap.reduce is None:  # a criterion without a reduction reads dense rows
+        if cap.rows is not None and cap.reduce is None:  # a criterion without a reduction reads dense rows
             cap.attn = attention_rows(query, key, cap.rows, cap.valid, scaling)
-        else:
+        elif cap.rows is not None:
             cap.attn = reduced_attention(query, key, cap.rows, cap.valid, scaling, cap.reduce, cap.columns,
                                          handle.row_chunk_bytes)
+        if cap.want_keys:
+            cap.key = key.detach()
+        cap.done = True
         handle.stats.ranking_seconds += _clock(query, handle.sync_timing) - t0
+    if handle._key_check is not None and handle._key_check[0] == module.layer_idx and not handle._probing:
+        _check_next_layer_keys(handle, key)
     return _base_attention(module, handle.base_impl)(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -426,6 +492,69 @@ def _replay_scores(kept: list[list[int]], tokens: _Tokens, image_index: torch.Te
     return criteria._image_only(wanted.float(), tokens.sets)
 
 
+def _stage_keep(handle: PruneHandle, lm, call: _Call, stage: Stage, hidden: torch.Tensor, kwargs) -> torch.Tensor:
+    """[B, T'] positions kept by `stage` among the tokens present: every non-image token and the
+    image tokens the criterion (or the replayed indices) chooses, as many as `stage_kept` says."""
+    tokens = call.tokens
+    sets = tokens.sets
+    keep_n = [stage_kept(stage, int(n), int(n0)) for n, n0 in zip(sets.image.sum(1).tolist(), call.n_image)]
+    if stage.criterion in ("visionzip", "dart", "divprune", "pdrop"):
+        with torch.no_grad():
+            return _peer_keep(handle, lm, call, stage, hidden, kwargs, keep_n)
+    if handle.replay is not None:
+        scores = _replay_scores(handle.replay[call.stage], tokens, call.image_index)
+    else:
+        grad_fn = lambda h: _greedy_loss_grad(handle, lm, h, stage.k, kwargs)  # noqa: E731
+        scores = _stage_scores(handle, stage, tokens, hidden, grad_fn)
+    if stage.keep is not None:  # a peer's budget with another criterion (random@pdrop-64, ...)
+        return criteria.select_top(scores, sets, keep_n)
+    groups = call.groups.gather(1, tokens.index) if call.groups is not None else None
+    return criteria.select_kept(scores, sets, stage.ratio, stage.drop_all, groups)
+
+
+def _peer_keep(handle: PruneHandle, lm, call: _Call, stage: Stage, hidden, kwargs, keep_n: list[int]) -> torch.Tensor:
+    """`_stage_keep` for the peers' criteria (himap.prune.peers); replayed indices win as for any
+    criterion, except that VisionZip's must equal its own selection (it merged around it)."""
+    tokens = call.tokens
+    sets = tokens.sets
+    if stage.criterion == "visionzip" and not stage.drop_all:
+        chosen = vision.keep_mask(handle._vision, sets.image)
+        if handle.replay is not None and not torch.equal(
+                chosen, criteria.select_top(_replay_scores(handle.replay[call.stage], tokens, call.image_index),
+                                            sets, keep_n) & sets.image):
+            raise ValueError("VisionZip merges the tokens it selects on the vision tower: a replay must keep "
+                             "exactly those tokens")
+        return ~sets.image | chosen
+    if handle.replay is not None or stage.drop_all:
+        scores = _replay_scores(handle.replay[call.stage], tokens, call.image_index) if handle.replay is not None \
+            else torch.zeros(tokens.valid.shape, device=hidden.device)
+        return criteria.select_top(scores, sets, keep_n)
+    if stage.criterion == "dart":
+        cap = handle._capture
+        if cap is None or cap.key is None:
+            raise _layout_error(f"layer {stage.k - 1}'s attention did not pass through himap's registered "
+                                f"attention function, so DART's keys are missing")
+        key_l1 = cap.key.float().abs().sum(dim=(1, 3))  # [B, T] L1 norm over heads and head dims
+        pivots = [max(1, int(stage.option("pivot_image") * n0 + 1e-9)) for n0 in call.n_image]
+        positions = tokens.index - call.first_valid[:, None]
+        return ~sets.image | peers.dart_keep(key_l1, lm.norm(hidden), sets, positions, keep_n, pivots,
+                                             int(stage.option("pivot_text")))
+    if stage.criterion == "divprune":
+        keep = torch.zeros_like(sets.image)
+        for b in range(keep.shape[0]):
+            img = sets.image[b].nonzero().squeeze(1)
+            keep[b, img[peers.divprune_order(hidden[b, img], keep_n[b])]] = True
+        return ~sets.image | keep
+    rows = criteria.last_prompt_position(sets)  # pdrop
+    attn, key = next_layer_rows(lm.layers[stage.k], hidden, _positions(handle, call, kwargs, tokens),
+                                rows, tokens.valid, handle.row_chunk_bytes)
+    keep = criteria.select_top(peers.pdrop_scores(attn, sets), sets, keep_n)
+    local, _ = compact(keep)
+    handle._key_check = (stage.k, _pair_norms(key.gather(2, local[:, None, :, None].expand(
+        -1, key.shape[1], -1, key.shape[-1]))))
+    return keep
+
+
 def _stage_scores(handle: PruneHandle, stage: Stage, tokens: _Tokens, hidden: torch.Tensor, grad_fn) -> torch.Tensor:
     if stage.drop_all:
         return torch.zeros(tokens.valid.shape, device=hidden.device)
@@ -477,7 +606,7 @@ def _decoder_pre_hook(handle: PruneHandle, lm, args, kwargs):
     handle._input_ids = None
     if handle.schedule.stages:
         _check_cache(cache)
-    past = int(cache.get_seq_length()) if cache is not None else 0
+    past = _true_past(handle, cache)
     mask2d = kwargs.get("attention_mask")
     if mask2d is None:
         mask2d = torch.ones((b, past + t), dtype=torch.bool, device=ref.device)
@@ -489,9 +618,26 @@ def _decoder_pre_hook(handle: PruneHandle, lm, args, kwargs):
             raise ValueError("himap needs the prompt's input_ids to find image tokens; call the model "
                              "with input_ids (not only inputs_embeds)")
         handle._call = _start_prefill(handle, ids, mask2d.bool())
-    else:
-        handle._call = _start_decode(handle, lm, cache, mask2d.bool(), past)
+        return None
+    handle._call = _start_decode(handle, lm, cache, mask2d.bool(), past)
+    if kwargs.get("position_ids") is None and handle._call.segments and handle._call.segments[0].start == 0:
+        # the library would number this step from layer 0's cache length, which a stage at K = 0 shortened
+        pos = torch.arange(past, past + t, device=ref.device)[None].expand(b, t)
+        return args, {**kwargs, "position_ids": pos}
     return None
+
+
+def _true_past(handle: PruneHandle, cache) -> int:
+    """Tokens already seen: the cache length of layer 0, or, when a stage at K = 0 pruned layer 0,
+    the prompt length plus the tokens generated since (layer 0's length minus its pruned prompt)."""
+    if cache is None:
+        return 0
+    past = int(cache.get_seq_length())
+    prefill = handle._prefill
+    if prefill is not None and prefill[2] and prefill[2][0].start == 0 and prefill[0] is not None \
+            and prefill[0]() is cache and past > 0:
+        return prefill[1] + past - prefill[2][0].tokens.index.shape[1]
+    return past
 
 
 def _start_prefill(handle: PruneHandle, ids, mask2d) -> _Call:
@@ -504,6 +650,8 @@ def _start_prefill(handle: PruneHandle, ids, mask2d) -> _Call:
     call.image_index = _image_index(sets)
     if handle.quota == "image":
         call.groups = _visual_groups(handle, ids, sets)
+    call.n_image = sets.image.sum(dim=1).tolist()
+    call.first_valid = mask2d.long().argmax(dim=1)  # [B] first True: left padding ends there
     stages = handle.schedule.stages
     if stages and not bool(sets.image.any()):
         stats.notes.append("no image tokens in the prompt: ran unpruned")
@@ -560,6 +708,8 @@ def _request_rows(handle: PruneHandle, call: _Call) -> None:
         reduce = criteria.REDUCTIONS.get(stage.criterion)
         handle._capture = _Capture(stage.k - 1, criteria.needed_rows(stage.criterion, sets), call.tokens.valid,
                                    reduce, sets.image if reduce == "row" else None)
+    elif stage.criterion == "dart" and not stage.drop_all:
+        handle._capture = _Capture(stage.k - 1, None, call.tokens.valid, want_keys=True)
 
 
 def _layer_pre_hook(handle: PruneHandle, lm, layer_idx: int, args, kwargs):
@@ -580,7 +730,8 @@ def _layer_pre_hook(handle: PruneHandle, lm, layer_idx: int, args, kwargs):
     if seg is None:
         return None
     if seg.substitute is None:  # a decode step's first layer of this segment
-        seg.substitute = _decode_substitute(handle, lm, call, seg, args[0] if args else kwargs["hidden_states"])
+        seg.substitute = _decode_substitute(handle, lm, call, seg, args[0] if args else kwargs["hidden_states"],
+                                            kwargs)
     return args, {**kwargs, **seg.substitute}
 
 
@@ -601,6 +752,20 @@ def _gather_positions(position_embeddings, index: torch.Tensor):
     return tuple(out)
 
 
+def _positions(handle: PruneHandle, call: _Call, kwargs, tokens: _Tokens):
+    """(cos, sin) of `tokens` in a prefill: the library's values at their original positions, or
+    (positions="contiguous") at the index whose position is the token's rank among the sample's
+    kept tokens, counted from its first prompt token (positions grow by one per valid index)."""
+    index = tokens.index
+    if handle.schedule.positions == "contiguous":
+        if kwargs.get("position_ids") is not None and kwargs["position_ids"].dim() != 2:
+            raise _layout_error("contiguous positions need one position per token (1D RoPE); this model "
+                                "passes multi-axis position ids")
+        rank = tokens.valid.long().cumsum(dim=1) - 1  # [B, T'] rank among the valid kept tokens
+        index = torch.where(tokens.valid, call.first_valid[:, None] + rank, index)
+    return _gather_positions(kwargs["position_embeddings"], index)
+
+
 def _build_mask(handle: PruneHandle, lm, layer_idx: int, hidden, mask2d, cache):
     builder = handle.layout.mask_builders[layer_idx]
     # position_ids=None: gapped kept positions must not be mistaken for packed sequences.
@@ -614,13 +779,7 @@ def _prune(handle: PruneHandle, lm, call: _Call, hidden, kwargs):
     stats, tokens, num_layers = handle.stats, call.tokens, len(lm.layers)
     t0 = _clock(hidden, handle.sync_timing)
     _record_layers(call, stage.k)
-    if handle.replay is not None:
-        scores = _replay_scores(handle.replay[call.stage], tokens, call.image_index)
-    else:
-        grad_fn = lambda h: _greedy_loss_grad(handle, lm, h, stage.k, kwargs)  # noqa: E731
-        scores = _stage_scores(handle, stage, tokens, hidden, grad_fn)
-    groups = call.groups.gather(1, tokens.index) if call.groups is not None else None
-    keep = criteria.select_kept(scores, tokens.sets, stage.ratio, stage.drop_all, groups)
+    keep = _stage_keep(handle, lm, call, stage, hidden, kwargs)
     local, local_valid = compact(keep)
     hidden = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T', d]
     tokens = call.tokens = tokens.gather(local, local_valid)
@@ -630,7 +789,7 @@ def _prune(handle: PruneHandle, lm, call: _Call, hidden, kwargs):
     end = handle.schedule.stages[call.stage].k if call.stage < len(handle.schedule.stages) else num_layers
     seg_mask2d = call.mask2d.gather(1, tokens.index) & tokens.valid
     substitute = {"attention_mask": _build_mask(handle, lm, stage.k, hidden, seg_mask2d, call.cache),
-                  "position_embeddings": _gather_positions(kwargs["position_embeddings"], tokens.index),
+                  "position_embeddings": _positions(handle, call, kwargs, tokens),
                   "position_ids": None}
     call.segments.append(_Segment(stage.k, end, tokens, substitute))
     _request_rows(handle, call)
@@ -651,13 +810,22 @@ def _per_layer(rows: list, column: int) -> list[list[int]]:
     return [list(x) for x in zip(*per_layer)]
 
 
-def _decode_substitute(handle: PruneHandle, lm, call: _Call, seg: _Segment, hidden) -> dict:
-    """The mask of a decode step for a segment's layers: kept prompt columns, then every later one."""
+def _decode_substitute(handle: PruneHandle, lm, call: _Call, seg: _Segment, hidden, kwargs) -> dict:
+    """The mask of a decode step for a segment's layers: kept prompt columns, then every later one.
+    With contiguous positions also the RoPE of the step's tokens: their true positions minus the
+    prompt tokens this segment no longer holds (PyramidDrop shifts decode positions the same way)."""
     p = handle._prefill[1]
     prompt_part = call.mask2d[:, :p].gather(1, seg.tokens.index) & seg.tokens.valid
     seg_mask2d = torch.cat([prompt_part, call.mask2d[:, p:]], dim=1)
-    return {"attention_mask": _build_mask(handle, lm, seg.start, hidden, seg_mask2d, call.cache),
-            "position_ids": None}
+    out = {"attention_mask": _build_mask(handle, lm, seg.start, hidden, seg_mask2d, call.cache),
+           "position_ids": None}
+    if handle.schedule.positions == "contiguous":
+        pos = kwargs.get("position_ids")
+        if pos is None or pos.dim() != 2:
+            raise _layout_error("contiguous positions need the decoder to pass 1D position ids to its layers")
+        dropped = call.mask2d[:, :p].sum(dim=1) - prompt_part.sum(dim=1)  # [B]
+        out["position_embeddings"] = lm.rotary_emb(hidden, position_ids=pos - dropped[:, None])
+    return out
 
 
 def _greedy_loss_grad(handle: PruneHandle, lm, hidden, k: int, kwargs):
@@ -669,7 +837,7 @@ def _greedy_loss_grad(handle: PruneHandle, lm, hidden, k: int, kwargs):
     call = handle._call
     tokens = call.tokens
     mask2d = call.mask2d.gather(1, tokens.index) & tokens.valid
-    pos = _gather_positions(kwargs["position_embeddings"], tokens.index)
+    pos = _positions(handle, call, kwargs, tokens)
     handle._probing = True
     try:
         with torch.enable_grad():
@@ -745,8 +913,13 @@ def apply(model, method: "str | Schedule" = "himap", *, sync_timing: bool = Fals
     layout = check_layout(lm)
     _check_version()
     schedule.validate_for(len(lm.layers))
+    schedule = schedule.for_layers(len(lm.layers))
     if adapter.check is not None:
         adapter.check(model, schedule)
+    _check_peer_layout(lm, schedule)
+    if quota == "image" and any(st.keep is not None for st in schedule.stages):
+        raise ValueError(f"quota='image' shares a stage's drop ratio per image; {schedule.name}'s stages keep a "
+                         f"budget per sample (VisionZip selects per image by itself): use quota='sample'")
     if replay is not None and len(replay) != len(schedule.stages):
         raise ValueError(f"replay has {len(replay)} stage(s), the schedule has {len(schedule.stages)}")
     if getattr(lm, "_himap_handle", None) is not None:
@@ -769,6 +942,14 @@ def apply(model, method: "str | Schedule" = "himap", *, sync_timing: bool = Fals
     for i, layer in enumerate(lm.layers):
         hooks.append(layer.register_forward_pre_hook(
             lambda mod, args, kw, i=i: _layer_pre_hook(handle, lm, i, args, kw), with_kwargs=True))
+    zipped = [st for st in schedule.stages if st.criterion == "visionzip"]
+    if zipped:
+        try:
+            handle._vision, vision_hooks = vision.attach(handle, model, adapter, zipped[0])
+        except Exception:
+            _detach(model, lm, handle)
+            raise
+        hooks += vision_hooks
     model.set_attn_implementation({"text_config": name})
     return handle
 
@@ -777,6 +958,23 @@ def _record_multimodal_call(handle: PruneHandle, args, kwargs) -> None:
     """The multimodal model's call: its input_ids (the decoder gets only embeddings) and video inputs."""
     handle._input_ids = kwargs.get("input_ids", args[0] if args else None)
     handle._mm_kwargs = {k: kwargs.get(k) for k in ("video_grid_thw", "pixel_values_videos")}
+
+
+def _check_peer_layout(lm, schedule: Schedule) -> None:
+    """Raise at apply when a peer criterion needs a part the decoder does not have."""
+    for st in schedule.stages:
+        if st.criterion == "pdrop":
+            layer = lm.layers[st.k]
+            attn = getattr(layer, "self_attn", None)
+            missing = [n for n in ("input_layernorm",) if not hasattr(layer, n)]
+            missing += [f"self_attn.{n}" for n in ("q_proj", "k_proj", "head_dim", "scaling") if not hasattr(attn, n)]
+            if not hasattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb"):
+                missing.append(f"{type(attn).__module__}.apply_rotary_pos_emb")
+            if missing:
+                raise _layout_error(f"PyramidDrop recomputes layer {st.k}'s queries and keys, and "
+                                    f"{type(layer).__name__} lacks {', '.join(missing)}")
+        if st.criterion == "visionzip" and sum(s.criterion == "visionzip" for s in schedule.stages) > 1:
+            raise ValueError("a schedule takes one visionzip stage")
 
 
 def _refuse_labels(module, args, kwargs):
@@ -792,12 +990,17 @@ def remove(model) -> None:
     handle = getattr(lm, "_himap_handle", None)
     if handle is None:
         return
+    _detach(model, lm, handle)
+    model.set_attn_implementation({"text_config": handle.base_impl})
+
+
+def _detach(model, lm, handle: PruneHandle) -> None:
     for h in handle._hooks:
         h.remove()
+    handle._hooks.clear()
     for layer in lm.layers:
         layer.self_attn.__dict__.pop("_himap_handle", None)
-    del lm._himap_handle
-    model.set_attn_implementation({"text_config": handle.base_impl})
+    lm.__dict__.pop("_himap_handle", None)
 
 
 @contextlib.contextmanager
