@@ -278,6 +278,18 @@ def test_divprune_matches_reference(models, batch):
         assert got[b] == sorted(chosen), b
 
 
+def test_divprune_picks_distinct_tokens_when_features_repeat():
+    """Flat background gives identical features (the built-in benchmark's images): once every
+    remaining token duplicates a picked one, the next unpicked token is taken, never one twice."""
+    from himap.prune.peers import divprune_order
+
+    base = torch.eye(4)  # 4 distinct directions
+    feats = torch.cat([base[[0, 0, 0]], base[[1, 2]], base[[0, 3, 3]]])  # tokens 0-2, 5 equal; 6, 7 equal
+    order = divprune_order(feats, 6)
+    assert order[:4] == [3, 0, 4, 6]  # one token of each direction first (ties: the lower index)
+    assert order[4:] == [1, 2] and divprune_order(feats, 8) == [3, 0, 4, 6, 1, 2, 5, 7]
+
+
 @pytest.mark.parametrize("rule", ["official", "mean"])
 @torch.no_grad()
 def test_visionzip_matches_reference_and_merges_by_group(models, batch, rule):
@@ -382,3 +394,102 @@ def test_cli_flops_lists_peers(capsys):
     assert rows["pdrop"]["image_tokens_after_stages"] == [576, 288, 144, 72]
     assert rows["visionzip-64"]["cost"]["vision_ranking"] > 0 == rows["pdrop"]["cost"]["vision_ranking"]
     assert rows["dart-128"]["cost"]["ranking"] == 2 * 8 * 576 * 4096  # 8 pivots x 576 image tokens
+
+
+# ----------------------------------------------------------------------------- HiMAP at matched FLOPs, sweeps
+
+def test_himap_matched_to_each_peer_costs_what_the_peer_costs():
+    """match=PEER@himap: HiMAP's K2, R2 kept, R1 solved to the peer's paper-convention FLOPs."""
+    from himap.cost.flops import get_arch, paper_flops
+    from himap.evaluation.ablations import ModelShape, expand, resolve
+
+    a = get_arch("llava-1.5-7b")
+    shape = ModelShape(576, 32, cost_fn=lambda s: paper_flops(a, s))
+    names = expand("match-peers@himap")
+    assert len(names) == 12 and "match=visionzip-64@himap" in names
+    for name in names:
+        s = resolve(name, shape)
+        peer = name.split("@")[0][len("match="):]
+        assert abs(paper_flops(a, s) / paper_flops(a, peer) - 1) < 0.005, name
+        assert s.stages[0].k == 2 and s.stages[1] == PRESETS["himap"].stages[1]
+        counts = image_tokens_per_layer(s, 576, 32)
+        cheaper = Schedule((Stage(2, (576 - counts[2] + 1) / 576, "phi_sh"), s.stages[1]))
+        dearer = Schedule((Stage(2, (576 - counts[2] - 1) / 576, "phi_sh"), s.stages[1]))
+        gap = abs(paper_flops(a, s) - paper_flops(a, peer))  # one token more or less is no closer
+        assert gap <= abs(paper_flops(a, cheaper) - paper_flops(a, peer))
+        assert gap <= abs(paper_flops(a, dearer) - paper_flops(a, peer))
+
+
+def test_matching_that_cannot_be_reached_is_skipped_with_a_reason():
+    """With the built-in model's sizes (10 layers, d=64, 144 image tokens) one full layer and one
+    token in the other nine already cost more than VisionZip-64 (16 tokens in every layer)."""
+    from himap.cost.flops import Arch, paper_flops
+    from himap.evaluation import sweep as S
+    from himap.evaluation.ablations import ModelShape, Unreachable, resolve
+
+    a = Arch("builtin-like", hidden=64, intermediate=256, num_layers=10, num_heads=4, num_kv_heads=2, vocab=121,
+             image_tokens=144)
+    with pytest.raises(Unreachable, match="cannot be as cheap"):
+        resolve("match=visionzip-64@himap", ModelShape(144, 10, cost_fn=lambda s: paper_flops(a, s)))
+    cfg = S.parse_config({"model": "m", "tasks": ["shapes"], "methods": ["himap", "match=visionzip-64@base",
+                                                                         "match=dart-64@base"]})
+    skipped = []
+    planned = S.plan(cfg, a, skipped)
+    assert planned[0][1] == ["himap", "match=dart-64@himap"]
+    assert skipped == [("shapes", "match=visionzip-64@himap", pytest.approx(skipped[0][2]))]
+    with pytest.raises(ValueError, match="match=visionzip-64@himap"):
+        S.plan(cfg, a)
+
+
+def test_shipped_peers_config_covers_every_budget_and_keeps_shapes_optional():
+    import os
+
+    from himap.cost.flops import ARCHS
+    from himap.evaluation import sweep as S
+
+    cfg = S.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "sweep_peers.yaml"))
+    planned = S.plan(cfg, ARCHS["llava-1.5-7b"])
+    assert [spec.name for spec, *_ in planned] == ["scienceqa_img", "aokvqa_mc", "pope"]  # shapes: only on request
+    names = set(planned[0][1])
+    for family in ("pdrop", "visionzip", "dart", "divprune"):
+        for b in (192, 128, 64):
+            assert f"{family}-{b}" in names and f"match={family}-{b}@himap" in names
+    assert {"vanilla", "fastv", "himap"} <= names
+    assert [t for t in cfg.tasks if t.optional][0].name == "shapes"
+
+
+def test_peer_groups_in_the_plot_legend():
+    from himap.evaluation.sweep import ablation_group
+
+    assert [ablation_group(n) for n in ("himap", "fastv", "pdrop-64", "visionzip", "dart-128", "divprune-64",
+                                        "match=dart-64@himap", "uniform@himap")] == [
+        "preset", "preset", "pdrop", "visionzip", "dart", "divprune", "matched FLOPs", "uniform"]
+
+
+def test_peer_schedules_resume_and_older_files_compare_equal(tmp_path):
+    """A run's meta file reads back equal (options become lists in JSON); HiMAP's stays as before."""
+    from himap.evaluation.runner import check_meta, schedule_dict
+
+    assert set(schedule_dict(PRESETS["himap"])[0]) == {"k", "ratio", "criterion", "seed", "drop_all"}
+    meta = {"method": "visionzip-64", "schedule": schedule_dict(PRESETS["visionzip-64"]), "positions": "contiguous"}
+    check_meta(str(tmp_path), meta, False)
+    (tmp_path / "visionzip-64.jsonl").write_text('{"id": "a", "prediction": "x"}\n')
+    check_meta(str(tmp_path), meta, False)  # a resume: same settings
+    with pytest.raises(Exception, match="different settings"):
+        check_meta(str(tmp_path), {**meta, "schedule": schedule_dict(PRESETS["visionzip-128"])}, False)
+
+
+def test_generate_cli_runs_peers(shared_dir, tmp_path, capsys):
+    import json
+    import os
+
+    from himap.cli import main
+    from himap.models.testing import save_tiny_model_dir
+
+    model_dir = save_tiny_model_dir(tmp_path / "m", seed=3)
+    image = os.path.join(shared_dir, "data", "images", "waterview.jpg")
+    for name, first in (("visionzip-64", 7), ("dart-128", 64), ("divprune", 6), ("pdrop", 64)):
+        assert main(["generate", "--model", model_dir, "--image", image, "--prompt", "What is it?",
+                     "--method", name, "--max-new-tokens", "2", "--json"]) == 0
+        stats = json.loads(capsys.readouterr().out)["stats"]
+        assert stats["image_tokens_per_layer"][0][0] == first, name

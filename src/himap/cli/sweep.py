@@ -51,7 +51,8 @@ def apply_overrides(cfg, args):
         changes["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.tasks:
         by_name = {t.name: t for t in cfg.tasks}
-        changes["tasks"] = [by_name.get(n, TaskSpec(n)) for n in (s.strip() for s in args.tasks.split(",")) if n]
+        picked = [by_name.get(n, TaskSpec(n)) for n in (s.strip() for s in args.tasks.split(",")) if n]
+        changes["tasks"] = [dataclasses.replace(t, optional=False) for t in picked]  # named: run
     if args.no_plot:
         changes["plot"] = False
     return dataclasses.replace(cfg, **changes)
@@ -62,8 +63,8 @@ def dry_run(cfg, arch) -> dict:
     from himap.evaluation.runner import schedule_dict
     from himap.evaluation.sweep import plan, stages_text
 
-    out = {}
-    for spec, names, schedules, alias in plan(cfg, arch):
+    out, skipped = {}, []
+    for spec, names, schedules, alias in plan(cfg, arch, skipped):
         by = {s.name: s for s in schedules}
         rows = []
         for n in names:
@@ -75,6 +76,8 @@ def dry_run(cfg, arch) -> dict:
                 tf = paper_flops(arch, s) / 1e12
             rows.append({"method": n, "stages": stages_text(schedule_dict(s)), "tflops_paper": tf,
                          "same_as": alias.get(n)})
+        rows += [{"method": m, "stages": "not run", "tflops_paper": None, "same_as": None, "reason": why}
+                 for t, m, why in skipped if t == spec.name]
         out[spec.name] = rows
     return out
 
@@ -97,6 +100,9 @@ def main(args) -> int:
         for task, rows in planned.items():
             print(f"{task}:")
             for r in rows:
+                if "reason" in r:
+                    print(f"  {r['method']:<28} not run: {r['reason']}")
+                    continue
                 tf = r["tflops_paper"]
                 tf = "unavailable" if tf is None else f"{tf:.3f}" if tf >= 0.01 else f"{tf:.3g}"
                 same = f" (= {r['same_as']})" if r["same_as"] else ""
@@ -112,6 +118,8 @@ def main(args) -> int:
     if rank != 0:
         print(json.dumps({"rank": rank, "world_size": world, "predicted": result.predicted}))
         return 0
+    for task, method, why in result.skipped:
+        print(f"himap sweep: not run on {task}: {method}: {why}", file=sys.stderr)
     print(result.markdown)
     print(f"tables in {cfg.out}/results.{{md,csv,json}}" + (f", plot {result.plot}" if result.plot else ""))
     print(final_line(result))

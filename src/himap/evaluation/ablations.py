@@ -14,7 +14,12 @@ Kinds:
 - `random@B`: B's stages with seeded random ranking.
 - `crit=NAME@B`: B's stages with criterion NAME at every stage (embed_norm, gradient, ...).
 - `swapped@B`: the criteria exchanged: phi_dp at K1, phi_sh at K2.
-Group names expand to several methods: `k1r1-grid@B`, `criteria@B` and `all@B`.
+- `pos=original@B`, `pos=contiguous@B`: B with its kept tokens' RoPE positions kept or renumbered
+  (docs/peers.md: the peers renumber, HiMAP keeps them).
+- `match=PEER@B`: B at the analytic FLOPs (paper convention) of the peer preset PEER (docs/peers.md):
+  K2 and R2 kept, R1 solved; K1 lowered when even keeping one token from K1 on costs more.
+Group names expand to several methods: `k1r1-grid@B`, `criteria@B`, `all@B` and `match-peers@B`
+(B matched to every peer at every published budget).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Callable
 
 from himap.prune.schedule import (
     CRITERIA,
+    PEER_BUDGETS,
     PRESETS,
     Schedule,
     Stage,
@@ -87,8 +93,9 @@ def k1_r1_grid(base: Schedule, k1s=K1_GRID, r1s=R1_GRID) -> list[Schedule]:
 
 def random_ranking(base: Schedule, seed: int = 0) -> Schedule:
     """Random pruning at the base schedule: same K and R, seeded random ranking at every stage."""
-    stages = tuple(dataclasses.replace(s, criterion="random", seed=seed) for s in base.stages)
-    return Schedule(stages, name=f"random@{base.name}" if seed == 0 else f"random{seed}@{base.name}")
+    stages = tuple(dataclasses.replace(s, criterion="random", seed=seed, options=()) for s in base.stages)
+    return dataclasses.replace(base, stages=stages,
+                               name=f"random@{base.name}" if seed == 0 else f"random{seed}@{base.name}")
 
 
 def with_criterion(base: Schedule, criterion: str) -> Schedule:
@@ -98,7 +105,7 @@ def with_criterion(base: Schedule, criterion: str) -> Schedule:
     if criterion == "random":
         return random_ranking(base)
     stages = tuple(dataclasses.replace(s, criterion=criterion) for s in base.stages)
-    return Schedule(stages, name=f"crit={criterion}@{base.name}")
+    return dataclasses.replace(base, stages=stages, name=f"crit={criterion}@{base.name}")
 
 
 def swapped(base: Schedule) -> Schedule:
@@ -193,10 +200,50 @@ def uniform(base: Schedule, cost_fn: CostFn, n_image: int, num_layers: int,
     return solve_uniform(base, cost_fn, n_image, num_layers, criterion).schedule
 
 
+class Unreachable(ValueError):
+    """A schedule cannot reach the asked cost on this model (a sweep skips it and says why)."""
+
+
+MATCH_TOLERANCE = 0.05
+"""Largest relative cost gap `matched` accepts (a step of one token costs ~0.1-1% on LLaVA-1.5)."""
+
+
+def matched(base: Schedule, peer: Schedule, cost_fn: CostFn, n_image: int) -> Schedule:
+    """The base schedule at the peer's analytic cost: K2 and R2 as in base, R1 chosen so that the
+    tokens kept from K1 on give the cost closest to cost_fn(peer) (integer counts: a step function,
+    increasing in the count). When even one token from K1 on costs more, K1 moves down (to 1 at
+    least); when that cannot reach the peer's cost either, a ValueError says so."""
+    first, second = _two_stages(base)
+    target = cost_fn(peer)
+    name = f"match={peer.name}@{base.name}"
+    for k1 in range(first.k, 0, -1):
+        def at(kept: int) -> Schedule:
+            ratio = (n_image - kept) / n_image
+            if kept_count(n_image, ratio) != kept:  # float rounding; the floor in kept_count has slack
+                raise ArithmeticError(f"R1={ratio} does not keep {kept} of {n_image} tokens")
+            return Schedule((dataclasses.replace(first, k=k1, ratio=ratio), second), name=name)
+
+        if cost_fn(at(1)) > target:
+            continue
+        lo, hi = 1, n_image  # cost(at(lo)) <= target; find the largest such count
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost_fn(at(mid)) <= target else (lo, mid - 1)
+        best = min({lo, min(lo + 1, n_image)}, key=lambda kept: (abs(cost_fn(at(kept)) - target), kept))
+        if abs(cost_fn(at(best)) - target) > MATCH_TOLERANCE * target:
+            raise Unreachable(f"{base.name} cannot cost as much as {peer.name} with K2, R2 fixed (even keeping "
+                             f"every token until K2 it is {cost_fn(at(best)) / target:.1%} of it)")
+        return at(best)
+    raise Unreachable(f"{base.name} cannot be as cheap as {peer.name} on this model: with K1=1 and one "
+                      f"token kept from layer 1 on it still costs more")
+
+
 # ---------------------------------------------------------------- names
 
-GROUPS = ("k1r1-grid", "criteria", "all")
-KINDS = ("shallow-only", "deep-only", "uniform", "random", "swapped")  # plus k1=..-r1=.., crit=NAME
+GROUPS = ("k1r1-grid", "criteria", "all", "match-peers")
+PEER_FAMILIES = ("pdrop", "visionzip", "dart", "divprune")
+"""Peer presets (himap.prune.schedule.PEER_PRESETS) the `match-peers@B` group matches, at every budget."""
+KINDS = ("shallow-only", "deep-only", "uniform", "random", "swapped")  # plus k1=..-r1=.., crit=NAME, pos=, match=
 _K1R1 = re.compile(r"^k1=(\d+)-r1=([0-9.]+)$")
 
 
@@ -227,6 +274,8 @@ def expand(name: str) -> list[str]:
         return criteria
     if kind == "all":
         return ([f"shallow-only@{base}", f"deep-only@{base}", f"uniform@{base}"] + grid + criteria)
+    if kind == "match-peers":
+        return [f"match={p}-{b}@{base}" for p in PEER_FAMILIES for b in PEER_BUDGETS]
     return [name]
 
 
@@ -247,6 +296,12 @@ def resolve(name: str, shape: ModelShape | None = None) -> Schedule:
         return swapped(base)
     if kind == "random":
         return random_ranking(base)
+    if kind.startswith("pos="):
+        return dataclasses.replace(base, positions=kind[len("pos="):], name=name)
+    if kind.startswith("match="):
+        if shape is None or shape.cost_fn is None:
+            raise ValueError(f"{name!r} matches an analytic cost: pass a ModelShape with the FLOPs model")
+        return matched(base, get_schedule(kind[len("match="):]), shape.cost_fn, shape.n_image)
     if kind in ("deep-only", "uniform"):
         if shape is None:
             raise ValueError(f"{name!r} depends on the model (image tokens, layers): pass a ModelShape")
@@ -258,5 +313,5 @@ def resolve(name: str, shape: ModelShape | None = None) -> Schedule:
     if kind in GROUPS:
         raise ValueError(f"{name!r} is a group of methods; expand it first: {', '.join(expand(name))}")
     raise ValueError(f"unknown ablation {kind!r} in {name!r}; kinds: {', '.join(KINDS)}, "
-                     f"k1=K-r1=R, crit=CRITERION; groups: {', '.join(GROUPS)} (base: a preset, "
+                     f"k1=K-r1=R, crit=CRITERION, pos=POSITIONS, match=PEER; groups: {', '.join(GROUPS)} (base: a preset, "
                      f"one of {', '.join(PRESETS)})")

@@ -19,6 +19,7 @@ pareto.png (score against paper-convention TFLOPs per task, Pareto front marked)
         data: null              # data folder (task default when null)
         split: null
         base: himap             # optional; default: the task's DEFAULT_METHOD
+        optional: false         # true: run only when picked with --tasks NAME
     methods: [vanilla, fastv, base, all@base]
     scoring: {tokenizer: auto}  # task.score keywords (judge_base_url, judge_model, ... for judge tasks)
 """
@@ -48,6 +49,7 @@ class TaskSpec:
     base: str | None = None  # base schedule the `base` word stands for; None: task DEFAULT_METHOD
     image_dir: str | None = None  # image folder for loaders that take one
     limit: int | None = None  # overrides the sweep's limit for this task
+    optional: bool = False  # run only when picked by name (`himap sweep --tasks NAME`)
 
 
 @dataclass
@@ -175,8 +177,9 @@ def result_rows(summaries: list[dict], alias: dict[str, str], names: list[str]) 
     return rows
 
 
-def write_tables(out: str, rows: list[dict]) -> str:
-    """results.json (full rows), results.csv (RESULT_COLUMNS) and results.md; returns the markdown."""
+def write_tables(out: str, rows: list[dict], skipped: list | None = None) -> str:
+    """results.json (full rows), results.csv (RESULT_COLUMNS) and results.md (with a list of the
+    methods not run and why); returns the markdown."""
     from himap.evaluation.runner import _fmt, write_json
 
     os.makedirs(out, exist_ok=True)
@@ -200,6 +203,9 @@ def write_tables(out: str, rows: list[dict]) -> str:
                          f"{_fmt(r['tflops_paper'])} | {ratio} | {_fmt(r['tflops_full'])} | "
                          f"{_fmt(r['latency_s_per_example'], 4)} | {'*' if r['method'] in front else ''} |")
         lines.append("")
+        lines += [f"Not run: {m}: {why}" for t, m, why in (skipped or []) if t == task]
+        if any(t == task for t, _, _ in skipped or []):
+            lines.append("")
     md = "\n".join(lines)
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write(md)
@@ -216,10 +222,16 @@ def _points(rows: list[dict]) -> tuple[str, list[tuple[float, float]]]:
 
 
 def ablation_group(method: str) -> str:
-    """Legend group of a method name: preset, shallow-only, deep-only, uniform, K1/R1 grid, criterion."""
+    """Legend group of a method name: preset, a peer's family (pdrop, visionzip, dart, divprune),
+    HiMAP at a peer's FLOPs, shallow-only, deep-only, uniform, K1/R1 grid, criterion."""
+    from himap.evaluation.ablations import PEER_FAMILIES
+
     if "@" not in method:
-        return "preset"
+        family = method.split("-", 1)[0]
+        return family if family in PEER_FAMILIES else "preset"
     kind = method.split("@", 1)[0]
+    if kind.startswith("match="):
+        return "matched FLOPs"
     if kind.startswith("k1="):
         return "K1/R1 grid"
     if kind.startswith("crit=") or kind in ("random", "swapped") or kind.startswith("random"):
@@ -228,7 +240,9 @@ def ablation_group(method: str) -> str:
 
 
 _GROUP_STYLE = {"preset": ("tab:blue", "o"), "shallow-only": ("tab:orange", "s"), "deep-only": ("tab:green", "D"),
-                "uniform": ("tab:purple", "^"), "K1/R1 grid": ("tab:gray", "."), "criterion": ("tab:brown", "x")}
+                "uniform": ("tab:purple", "^"), "K1/R1 grid": ("tab:gray", "."), "criterion": ("tab:brown", "x"),
+                "matched FLOPs": ("tab:blue", "*"), "pdrop": ("tab:orange", "v"), "visionzip": ("tab:green", "P"),
+                "dart": ("tab:purple", "X"), "divprune": ("tab:olive", "h")}
 
 
 def _flops_unit(max_tflops: float) -> tuple[str, float]:
@@ -289,15 +303,19 @@ class SweepResult:
     """What run_sweep produced (rank 0 holds the rows)."""
 
     rows: list[dict] = field(default_factory=list)  # one per task and requested method
+    skipped: list = field(default_factory=list)  # (task, method, reason) of methods that cannot run here
     markdown: str = ""  # results.md
     plot: str | None = None  # pareto.png path, None if not drawn
     predicted: int = 0  # items predicted by this process in this call
 
 
-def plan(cfg: SweepConfig, arch) -> list[tuple[TaskSpec, list[str], list[Schedule], dict[str, str]]]:
+def plan(cfg: SweepConfig, arch, skipped: list | None = None
+         ) -> list[tuple[TaskSpec, list[str], list[Schedule], dict[str, str]]]:
     """(task, requested names, distinct schedules to run, aliases) per task; resolves every
-    method up front so a bad name fails before any model runs."""
-    from himap.evaluation.ablations import ModelShape, resolve
+    method up front so a bad name fails before any model runs. A method that cannot reach its
+    asked cost on this model (`match=PEER@B` on a shallow model) raises, or, when `skipped` is a
+    list, is left out and recorded there as (task, method, reason)."""
+    from himap.evaluation.ablations import ModelShape, Unreachable, resolve
     from himap.tasks import get_task
 
     shape = None
@@ -308,16 +326,24 @@ def plan(cfg: SweepConfig, arch) -> list[tuple[TaskSpec, list[str], list[Schedul
                            cost_fn=lambda s: paper_flops(arch, s))
     out = []
     for spec in cfg.tasks:
+        if spec.optional:
+            continue
         task = get_task(spec.name)
         names = task_methods(cfg.methods, spec.base or task.DEFAULT_METHOD)
         schedules = []
-        for n in names:
+        for n in list(names):
             try:
                 # keep the requested spelling as the name (k1=1-r1=.25@himap = k1=1-r1=0.25@himap)
                 s = dataclasses.replace(resolve(n, shape), name=n)
                 if arch is not None:
                     s.validate_for(arch.num_layers)
                     s = s.for_layers(arch.num_layers)  # the layers that run (peers: scaled to the depth)
+            except Unreachable as err:
+                if skipped is None:
+                    raise ValueError(f"task {spec.name}, method {n!r}: {err}") from err
+                skipped.append((spec.name, n, str(err)))
+                names.remove(n)
+                continue
             except ValueError as err:
                 raise ValueError(f"task {spec.name}, method {n!r}: {err}") from err
             schedules.append(s)
@@ -334,7 +360,7 @@ def run_sweep(cfg: SweepConfig, predictor, arch, rank: int = 0, world_size: int 
 
     result = SweepResult()
     summaries_rows = []
-    for spec, names, schedules, alias in plan(cfg, arch):
+    for spec, names, schedules, alias in plan(cfg, arch, result.skipped):
         ecfg = EvalConfig(task=spec.name, data=spec.data, split=spec.split,
                           limit=spec.limit if spec.limit is not None else cfg.limit,
                           image_dir=spec.image_dir, batch_size=cfg.batch_size,
@@ -346,7 +372,7 @@ def run_sweep(cfg: SweepConfig, predictor, arch, rank: int = 0, world_size: int 
             summaries_rows += result_rows(res.summaries, alias, names)
     if rank == 0:
         result.rows = summaries_rows
-        result.markdown = write_tables(cfg.out, summaries_rows)
+        result.markdown = write_tables(cfg.out, summaries_rows, result.skipped)
         if cfg.plot:
             result.plot = plot_pareto(summaries_rows, os.path.join(cfg.out, "pareto.png"))
     return result

@@ -759,8 +759,9 @@ def _positions(handle: PruneHandle, call: _Call, kwargs, tokens: _Tokens):
     index = tokens.index
     if handle.schedule.positions == "contiguous":
         if kwargs.get("position_ids") is not None and kwargs["position_ids"].dim() != 2:
-            raise _layout_error("contiguous positions need one position per token (1D RoPE); this model "
-                                "passes multi-axis position ids")
+            raise _layout_error(f"{handle.schedule.name}: contiguous positions need one position per token "
+                                f"(1D RoPE) and this model passes multi-axis position ids; run "
+                                f"pos=original@{handle.schedule.name} (the kept tokens' own positions)")
         rank = tokens.valid.long().cumsum(dim=1) - 1  # [B, T'] rank among the valid kept tokens
         index = torch.where(tokens.valid, call.first_valid[:, None] + rank, index)
     return _gather_positions(kwargs["position_embeddings"], index)
@@ -822,7 +823,8 @@ def _decode_substitute(handle: PruneHandle, lm, call: _Call, seg: _Segment, hidd
     if handle.schedule.positions == "contiguous":
         pos = kwargs.get("position_ids")
         if pos is None or pos.dim() != 2:
-            raise _layout_error("contiguous positions need the decoder to pass 1D position ids to its layers")
+            raise _layout_error(f"{handle.schedule.name}: contiguous positions need the decoder to pass 1D position "
+                                f"ids to its layers; run pos=original@{handle.schedule.name}")
         dropped = call.mask2d[:, :p].sum(dim=1) - prompt_part.sum(dim=1)  # [B]
         out["position_embeddings"] = lm.rotary_emb(hidden, position_ids=pos - dropped[:, None])
     return out

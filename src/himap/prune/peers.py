@@ -93,8 +93,8 @@ def divprune_order(features: torch.Tensor, n_keep: int) -> list[int]:
     """DivPrune's greedy max-min diverse subset of the rows of `features` [n, d], in the order
     chosen (alg. 1 as released): distances d(i, j) = 1 - cos(f_i, f_j); the first pick is the token
     whose nearest other token is farthest (the second smallest of its distance column, the smallest
-    being its own ~0), then repeatedly the token whose minimum distance to the picked ones is
-    largest (ties: the lower index)."""
+    being its own ~0), then repeatedly the not yet picked token whose minimum distance to the picked
+    ones is largest (ties: the lower index)."""
     x = features.float()
     x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     dist = 1.0 - x @ x.T  # [n, n]
@@ -105,10 +105,13 @@ def divprune_order(features: torch.Tensor, n_keep: int) -> list[int]:
         return [0]
     picked = [int(torch.argmax(dist.kthvalue(2, dim=0).values))]
     nearest = dist[picked[0]].clone()  # min distance of every token to the picked set
+    nearest[picked[0]] = float("-inf")
     for _ in range(min(n_keep, n) - 1):
         nxt = int(torch.argmax(nearest))
         picked.append(nxt)
         nearest = torch.minimum(nearest, dist[nxt])
+        nearest[picked] = float("-inf")  # never twice (the released code can repeat a pick when every
+        # remaining token duplicates a picked one: all distances 0)
     return picked
 
 
