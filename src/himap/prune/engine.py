@@ -159,6 +159,7 @@ class _Call:
     groups: torch.Tensor | None = None  # [B, T] image / video frame of each visual token (per-image quota)
     n_image: list = field(default_factory=list)  # [B] image tokens of each sample's prompt (prefill)
     first_valid: torch.Tensor | None = None  # [B] index of each sample's first prompt token
+    multi_axis: bool = False  # the decoder got multi-axis position ids (M-RoPE): no contiguous renumbering
     layer_counts: list = field(default_factory=list)  # [(tokens [B], image tokens [B], layers)] (prefill)
 
 
@@ -305,8 +306,11 @@ def next_layer_rows(layer, hidden: torch.Tensor, position_embeddings, rows: torc
     hd = attn.head_dim
     normed = layer.input_layernorm(hidden)
     row_idx = rows.any(dim=0).nonzero().squeeze(1)  # [r]
-    key = attn.k_proj(normed).view(b, t, -1, hd).transpose(1, 2)  # [B, Hkv, T, D]
-    q_rows = attn.q_proj(normed[:, row_idx]).view(b, row_idx.numel(), -1, hd).transpose(1, 2)  # [B, Hq, r, D]
+    key = attn.k_proj(normed).view(b, t, -1, hd)  # [B, T, Hkv, D]
+    q_rows = attn.q_proj(normed[:, row_idx]).view(b, row_idx.numel(), -1, hd)  # [B, r, Hq, D]
+    if hasattr(attn, "k_norm"):  # per-head norms before RoPE (Qwen3)
+        key, q_rows = attn.k_norm(key), attn.q_norm(q_rows)
+    key, q_rows = key.transpose(1, 2), q_rows.transpose(1, 2)  # [B, H, T|r, D]
     cos, sin = position_embeddings
     key, _ = rope(key, key, cos, sin)
     q_rows, _ = rope(q_rows, q_rows, cos[:, row_idx], sin[:, row_idx])
@@ -618,13 +622,21 @@ def _decoder_pre_hook(handle: PruneHandle, lm, args, kwargs):
             raise ValueError("himap needs the prompt's input_ids to find image tokens; call the model "
                              "with input_ids (not only inputs_embeds)")
         handle._call = _start_prefill(handle, ids, mask2d.bool())
+        handle._call.multi_axis = _multi_axis(kwargs)
         return None
     handle._call = _start_decode(handle, lm, cache, mask2d.bool(), past)
+    handle._call.multi_axis = _multi_axis(kwargs)
     if kwargs.get("position_ids") is None and handle._call.segments and handle._call.segments[0].start == 0:
         # the library would number this step from layer 0's cache length, which a stage at K = 0 shortened
         pos = torch.arange(past, past + t, device=ref.device)[None].expand(b, t)
         return args, {**kwargs, "position_ids": pos}
     return None
+
+
+def _multi_axis(kwargs) -> bool:
+    """Whether the decoder call carries multi-axis (M-RoPE) position ids, [axes, B, T]."""
+    pos = kwargs.get("position_ids")
+    return pos is not None and pos.dim() == 3
 
 
 def _true_past(handle: PruneHandle, cache) -> int:
@@ -758,7 +770,7 @@ def _positions(handle: PruneHandle, call: _Call, kwargs, tokens: _Tokens):
     kept tokens, counted from its first prompt token (positions grow by one per valid index)."""
     index = tokens.index
     if handle.schedule.positions == "contiguous":
-        if kwargs.get("position_ids") is not None and kwargs["position_ids"].dim() != 2:
+        if call.multi_axis or (kwargs.get("position_ids") is not None and kwargs["position_ids"].dim() != 2):
             raise _layout_error(f"{handle.schedule.name}: contiguous positions need one position per token "
                                 f"(1D RoPE) and this model passes multi-axis position ids; run "
                                 f"pos=original@{handle.schedule.name} (the kept tokens' own positions)")
@@ -822,7 +834,7 @@ def _decode_substitute(handle: PruneHandle, lm, call: _Call, seg: _Segment, hidd
            "position_ids": None}
     if handle.schedule.positions == "contiguous":
         pos = kwargs.get("position_ids")
-        if pos is None or pos.dim() != 2:
+        if call.multi_axis or pos is None or pos.dim() != 2:
             raise _layout_error(f"{handle.schedule.name}: contiguous positions need the decoder to pass 1D position "
                                 f"ids to its layers; run pos=original@{handle.schedule.name}")
         dropped = call.mask2d[:, :p].sum(dim=1) - prompt_part.sum(dim=1)  # [B]
