@@ -27,6 +27,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default=None, help="override the config's output folder")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="override the config's batch size")
     parser.add_argument("--device", default=None, help="cpu, cuda or auto")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (override the config's)")
     parser.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                         help="weights dtype (default: the config's; none there: fp32 on CPU, bf16 on CUDA)")
     from himap.cli.common import add_prompt_format_argument
@@ -45,7 +46,8 @@ def apply_overrides(cfg, args):
 
     changes = {k: v for k, v in (("model", args.model), ("limit", args.limit), ("out", args.out),
                                  ("batch_size", args.batch_size), ("device", args.device),
-                                 ("dtype", args.dtype), ("prompt_format", getattr(args, "prompt_format", None)))
+                                 ("dtype", args.dtype), ("prompt_format", getattr(args, "prompt_format", None)),
+                                 ("threads", getattr(args, "threads", None)))
                if v is not None}
     if args.methods:
         changes["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -110,6 +112,10 @@ def main(args) -> int:
         print(json.dumps({"plan": planned}))
         return 0
     resolve_model_path(cfg.model)  # a model that cannot load fails before any task runs
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device, rank, world)
     check_attn_implementation(cfg.attn_implementation, device)
     predictor = LazyPredictor(cfg.model, device, cfg.dtype, cfg.attn_implementation, cfg.max_new_tokens,

@@ -22,6 +22,7 @@ pareto.png (score against paper-convention TFLOPs per task, Pareto front marked)
         optional: false         # true: run only when picked with --tasks NAME
     methods: [vanilla, fastv, base, all@base]
     scoring: {tokenizer: auto}  # task.score keywords (judge_base_url, judge_model, ... for judge tasks)
+    threads: null               # torch CPU threads (null: torch's default)
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class SweepConfig:
     device: str = "auto"  # cpu, cuda or auto
     dtype: str | None = None  # fp32, bf16, fp16 (None: fp32 on CPU, bf16 on CUDA)
     attn_implementation: str = "sdpa"  # attention kernel every layer keeps
+    threads: int | None = None  # torch CPU threads (None: torch's default); 1 suits tiny models on busy CPUs
     prompt_format: str = "hf"  # himap.models.loading.PROMPT_FORMATS: "hf" or "llava-v1" (the official scripts')
     plot: bool = True  # write pareto.png
     scoring: dict = field(default_factory=dict)  # task.score keywords: tokenizer, judge_base_url, judge_model, ...
