@@ -279,23 +279,20 @@ PRESET_LAYERS = {"himap-13b": 40, "himap-13b-caption": 40}
 
 def fit_to_depth(schedule: Schedule, num_layers: int, reference_layers: int | None = None) -> Schedule:
     """`schedule` itself when every K is below `num_layers`; otherwise its K values scaled to the
-    model's depth: K' = max(1, round(K * num_layers / reference_layers)), raised where needed to
-    stay strictly increasing (ratios and criteria unchanged). `reference_layers` defaults to the
-    depth the preset was set for (32, or 40 for the -13b presets). So a paper preset runs on a
-    shallow model (the built-in one has 10 layers: himap-caption's K=(2, 15) becomes (1, 5)) at
-    the same relative depths; callers should say so (the CLI prints a note)."""
+    model's depth by `Schedule.for_layers` (K' = K * num_layers / depth, rounded half up, kept >= 1
+    and strictly increasing; ratios and criteria unchanged). The depth is `reference_layers`, else
+    the schedule's own `depth`, else the one the preset was set for (32, or 40 for the -13b
+    presets). So a paper preset runs on a shallow model (the built-in one has 10 layers:
+    himap-caption's K=(2, 15) becomes (1, 5)) at the same relative depths; callers should say so
+    (the CLI prints a note). Raises when the scaled K values still do not fit."""
     if all(s.k < num_layers for s in schedule.stages):
         return schedule
-    ref = reference_layers or PRESET_LAYERS.get(schedule.name.split("@")[-1], REFERENCE_LAYERS)
-    stages, last = [], 0
-    for s in schedule.stages:
-        k = max(1, round(s.k * num_layers / ref), last + 1)
-        if k >= num_layers:
-            raise ValueError(f"{schedule.name!r} (K={tuple(x.k for x in schedule.stages)}) cannot be scaled "
-                             f"to a model with {num_layers} decoder layers")
-        stages.append(dataclasses.replace(s, k=k))
-        last = k
-    return Schedule(tuple(stages), name=schedule.name)
+    depth = reference_layers or schedule.depth or PRESET_LAYERS.get(schedule.name.split("@")[-1], REFERENCE_LAYERS)
+    fitted = dataclasses.replace(schedule, depth=depth).for_layers(num_layers)
+    if any(s.k >= num_layers for s in fitted.stages):
+        raise ValueError(f"{schedule.name!r} (K={tuple(x.k for x in schedule.stages)}) cannot be scaled "
+                         f"to a model with {num_layers} decoder layers")
+    return fitted
 
 
 def with_overrides(schedule: Schedule, k: list[int | None] | None = None,
