@@ -19,6 +19,7 @@ LAYERS = {
     "tasks": 4,  # the benchmarks, one file each (evaluation's layer)
     "analysis": 5,  # saliency, disruption, filter, plots
     "cli": 6,  # the command line: one module per command
+    "integrations": 7,  # other harnesses (lmms-eval): built on everything below, the CLI's method parsing included
 }
 """A module may import its own layer and the layers below it. The root package `himap` re-exports
 the pruning API only, so importing it counts as importing `prune`."""

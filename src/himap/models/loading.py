@@ -309,8 +309,40 @@ def build_inputs(processor, images, prompts: list[str], device="cpu", dtype=None
     return out
 
 
+def load_video_frames(path: str, num_frames: int = 8) -> list:
+    """`num_frames` RGB frames (PIL) sampled uniformly over a video file (first and last
+    included), decoded with PyAV (installed with lmms-eval; `pip install av`)."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError("reading video files needs PyAV: pip install av") from None
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    with av.open(str(path)) as container:
+        total = container.streams.video[0].frames  # 0 when the container does not say
+        wanted = set(_uniform(total, num_frames)) if total else None
+        frames = []
+        for i, frame in enumerate(container.decode(video=0)):
+            if wanted is None or i in wanted:
+                frames.append(frame.to_image().convert("RGB"))
+            if wanted is not None and len(frames) == len(wanted):
+                break
+    if not frames:
+        raise ValueError(f"{path}: no video frames decoded")
+    if wanted is None:  # every frame was kept: pick now
+        frames = [frames[i] for i in _uniform(len(frames), num_frames)]
+    return frames
+
+
+def _uniform(total: int, n: int) -> list[int]:
+    """min(n, total) frame indices spread evenly over 0..total-1, first and last included."""
+    import numpy as np
+
+    return sorted(set(np.linspace(0, total - 1, min(n, total)).round().astype(int).tolist()))
+
+
 def generate_ids(model, inputs: dict, max_new_tokens: int = 16, recompute: bool = False, **generate_kwargs):
-    """Greedy decoding; returns only the new token ids [B, n].
+    """Greedy decoding (unless generate_kwargs ask for sampling); returns only the new token ids [B, n].
 
     recompute=True generates as the official HiMAP code does (`use_cache=False`): no KV cache,
     every new token re-runs the whole sequence (prompt and the tokens generated so far), so a
@@ -320,10 +352,11 @@ def generate_ids(model, inputs: dict, max_new_tokens: int = 16, recompute: bool 
     import torch
 
     inputs = {k: v.to(model.dtype) if k.startswith("pixel_values") else v for k, v in inputs.items()}
+    generate_kwargs = {"do_sample": False, **generate_kwargs}  # do_sample=True (with a temperature) samples
     if recompute:
         generate_kwargs = {**generate_kwargs, "use_cache": False}
     with torch.no_grad():  # not inference_mode: the gradient criterion needs autograd inside
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
     return out[:, inputs["input_ids"].shape[1]:]
 
 

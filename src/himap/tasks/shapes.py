@@ -104,6 +104,32 @@ def load(data_dir: str | None = None, split: str | None = None, limit: int | Non
     return limit_per_group(groups, limit)
 
 
+EXPORT_FILE = "shapes.jsonl"
+"""The file `export` writes (one JSON object per item) next to its `images/` folder."""
+
+
+def export(dest: str, split: str | None = None, limit: int | None = None) -> str:
+    """Write the test items (`load`'s selection: same ids, prompts and images) as local files for
+    other harnesses (lmms-eval reads them with `dataset_path: json`): dest/images/<id>.png and
+    dest/shapes.jsonl with one row per item, {"id", "split", "category", "prompt", "answer",
+    "options", "image"} (`image` relative to dest; `answer` the gold letter, "yes"/"no" or the
+    reference caption). Returns the JSONL path."""
+    import json
+
+    items = load(os.path.join(dest, "images"), split=split, limit=limit)
+    path = os.path.join(dest, EXPORT_FILE)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for it in items:
+            answer = it.answer[0] if isinstance(it.answer, list) else it.answer
+            row = {"id": it.id, "split": it.meta["split"], "category": it.meta.get("category"),
+                   "prompt": it.prompt, "answer": answer, "options": it.meta.get("options", []),
+                   "image": os.path.relpath(it.image, dest)}
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 _PAIR = re.compile(r"\b(" + "|".join(synthetic.COLOURS) + r")\s+(" + "|".join(synthetic.SHAPES) + r")\b")
 
 
