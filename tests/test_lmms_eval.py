@@ -1,7 +1,8 @@
 """lmms-eval's model `himap` (himap.integrations.lmms_eval) through the real `lmms-eval` command.
 
-These tests skip only when lmms-eval is not installed (`pip install -e ".[lmms-eval]"`; CI installs
-it); an lmms-eval that is installed but fails to import fails them.
+These tests skip only when lmms-eval is not installed (`pip install -e ".[lmms-eval]"`); an lmms-eval
+that is installed but fails to import fails them, and under HIMAP_REQUIRE_LMMS_EVAL=1 (what CI
+sets, after installing it) a missing lmms-eval is an error, so a skip never stands in for them.
 """
 
 import glob
@@ -15,8 +16,11 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_lmms_eval = pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None,
-                                     reason="lmms-eval is not installed (pip install -e '.[lmms-eval]')")
+HAVE_LMMS_EVAL = importlib.util.find_spec("lmms_eval") is not None
+MISSING = "lmms-eval is not installed (pip install -e '.[lmms-eval]')"
+if not HAVE_LMMS_EVAL and os.environ.get("HIMAP_REQUIRE_LMMS_EVAL") == "1":  # CI: these tests must run
+    raise RuntimeError(f"HIMAP_REQUIRE_LMMS_EVAL=1 but {MISSING}")
+needs_lmms_eval = pytest.mark.skipif(not HAVE_LMMS_EVAL, reason=MISSING)
 
 
 def test_without_lmms_eval_the_message_says_what_to_install():
@@ -84,8 +88,8 @@ TASKS = ("himap_shapes_mc", "himap_shapes_pope", "himap_shapes_mc_ll")
 def runs(tmp_path_factory):
     """`lmms-eval --config` with one run per method (one process: lmms-eval's startup is paid once)
     on the example tasks reading 4 + 4 exported shapes items, and `himap eval` on the same items."""
-    if importlib.util.find_spec("lmms_eval") is None:
-        pytest.skip("lmms-eval is not installed (pip install -e '.[lmms-eval]')")
+    if not HAVE_LMMS_EVAL:
+        pytest.skip(MISSING)
     from himap.cli import main as himap_main
     from himap.tasks import shapes
 
@@ -179,3 +183,22 @@ def test_pruning_statistics_reach_the_sample_logs_and_the_summary(runs, method):
     ratio = throughput["avg_himap_tflops_per_example"] / throughput["avg_himap_tflops_vanilla_per_example"]
     assert ratio == pytest.approx(1.0) if method == "vanilla" else ratio < 0.7
     assert f"himap ({method}): mean analytic TFLOPs per example" in runs["log"]
+
+
+@needs_lmms_eval
+def test_requests_become_harness_requests_and_padding_is_not_counted():
+    from lmms_eval.api.instance import Instance
+
+    from himap.integrations.lmms_eval import HimapLmms
+
+    model = object.__new__(HimapLmms)  # the translation only: no model loaded
+    model.task_dict = {"t": {"test": [{"image": "a.png"}, {"image": "b.png"}]}}
+    visual = lambda doc: [doc["image"]]  # noqa: E731
+    meta = {"task": "t", "doc_id": 1, "repeats": 1, "split": "test"}
+    real = Instance("generate_until", ("Q?", {"until": ["\n"]}, visual, 1, "t", "test"), 0, dict(meta))
+    pad = Instance("generate_until", real.arguments, 0, {**meta, "__padding_only__": True})
+    choice = Instance("loglikelihood", ("", " A"), 0, dict(meta))  # acc_mutual_info's unconditional request
+    got = [model._request(real, gen_kwargs=real.args[1]), model._request(pad), model._request(choice, continuation=" A")]
+    assert (got[0].context, got[0].visuals, got[0].key, got[0].gen_kwargs) == ("Q?", ["b.png"], ("t", "test", 1), {"until": ["\n"]})
+    assert got[1].key is None and got[1].visuals == ["b.png"]
+    assert (got[2].context, got[2].visuals, got[2].key) == ("", [], ("t", "test", 1))
