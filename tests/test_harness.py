@@ -50,7 +50,9 @@ def _requests(items, **extra):
 
 def test_parse_args_reads_lmms_eval_strings():
     args = parse_args({"pretrained": "builtin", "method": "himap", "k": "2 8", "ratio": 0.5, "criterion": "- phi_dp_row",
-                       "batch_size": "8", "log_kept_indices": "true", "max_batch_size": None, "device": None})
+                       "batch_size": "8", "log_kept_indices": "true", "max_batch_size": None, "device": None,
+                       "prompt_format": "llava-v1", "quota": "image"})
+    assert (args.prompt_format, args.quota) == ("llava-v1", "image")
     assert (args.k, args.ratio, args.criterion) == ([2, 8], [0.5], [None, "phi_dp_row"])
     assert (args.batch_size, args.log_kept_indices, args.device) == (8, True, None)
     with pytest.raises(ValueError, match="unknown model argument"):
@@ -210,11 +212,14 @@ def test_video_on_an_image_only_family_raises(pruned_model, items):
     from PIL import Image
 
     frames = [Image.open(items[0].image)] * 2
-    assert split_visuals([items[0].image, frames], 4)[1] == [frames]
+    assert split_visuals([items[0].image, frames]) == ([items[0].image], [frames])
+    assert split_visuals(["clip.MP4", None]) == ([], ["clip.MP4"])
     with pytest.raises(ValueError, match="takes no video"):
         pruned_model.generate([Request(context="x", visuals=[frames], gen_kwargs={"max_new_tokens": 1})])
+    with pytest.raises(ValueError, match="one video per request"):
+        split_visuals([frames, frames])
     with pytest.raises(ValueError, match="audio is not"):
-        split_visuals([{"array": [0.0], "sampling_rate": 16000}], 4)
+        split_visuals([{"array": [0.0], "sampling_rate": 16000}])
 
 
 def test_sampling_follows_the_temperature(vanilla_model, items):

@@ -16,10 +16,10 @@ Harnesses (lmms-eval, himap.integrations.lmms_eval) turn their own request objec
   example's token counts, paper section 4.2 generalised; the paper's image-token-only count next
   to it), and keeps a tally from which `summarize` computes mean TFLOPs per example by task.
 
-Visual inputs per request: PIL images, image paths, video paths (frames sampled with
-himap.models.loading.load_video_frames) or videos given as lists of frames, as far as the model
-family's processor takes them (himap.models.loading.build_inputs): a family that reads no video
-raises a clear error instead of answering without it.
+Visual inputs per request: PIL images, image paths, and one video (a video path, whose frames
+himap.models.loading.load_video_frames samples, or a list of frames), as far as the model family's
+processor takes them (himap.models.loading.build_inputs): a family that reads no video raises a
+clear error instead of answering without it.
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ class HarnessArgs:
     ratio: list | None = None  # per-stage drop-ratio overrides ("0.5 0.75")
     criterion: list | None = None  # per-stage criterion overrides ("phi_sh phi_dp")
     attn: str = "sdpa"  # attention implementation kept by every layer: sdpa, eager, flash_attention_2
+    prompt_format: str = "hf"  # "hf": the checkpoint's chat template; "llava-v1": LLaVA's vicuna_v1 conversation
+    quota: str = "sample"  # a stage's keep budget per sample, or per image / video frame ("image")
     dtype: str | None = None  # fp32, bf16, fp16; default bf16 on CUDA, fp32 on CPU
     device: str | None = None  # cpu, cuda, cuda:N; default cuda when available
     batch_size: int = 1  # requests per model call (left padding)
@@ -98,7 +100,7 @@ def parse_args(raw: dict) -> HarnessArgs:
                 raise ValueError(f"{name} must be >= 1, got {args[name]}")
     if "log_kept_indices" in args:
         args["log_kept_indices"] = _flag(args["log_kept_indices"], "log_kept_indices")
-    for name in ("pretrained", "method", "attn"):
+    for name in ("pretrained", "method", "attn", "prompt_format", "quota"):
         if name in args:
             args[name] = str(args[name])
     return HarnessArgs(**args)
@@ -184,12 +186,10 @@ def plan_batches(lengths: list[int], groups: list, size: int) -> list[list[int]]
     return out
 
 
-def split_visuals(visuals, max_frames: int) -> tuple[list, list]:
+def split_visuals(visuals) -> tuple[list, list]:
     """(images, videos) of one request: a PIL image or image path is an image; a video path (see
-    VIDEO_EXTENSIONS) is read into `max_frames` frames; a list of images is one video's frames."""
+    VIDEO_EXTENSIONS) or a list of images (its frames) is a video, read later (`read_video`)."""
     from PIL import Image
-
-    from himap.models.loading import load_video_frames
 
     images, videos = [], []
     for v in visuals or []:
@@ -198,16 +198,22 @@ def split_visuals(visuals, max_frames: int) -> tuple[list, list]:
         if isinstance(v, Image.Image):
             images.append(v)
         elif isinstance(v, (str, os.PathLike)):
-            if str(v).lower().endswith(VIDEO_EXTENSIONS):
-                videos.append(load_video_frames(v, max_frames))
-            else:
-                images.append(v)
+            (videos if str(v).lower().endswith(VIDEO_EXTENSIONS) else images).append(v)
         elif isinstance(v, (list, tuple)) and v and all(isinstance(f, Image.Image) for f in v):
             videos.append(list(v))
         else:
             raise ValueError(f"himap cannot read a visual input of type {type(v).__name__} "
                              "(images, image or video paths and lists of frames are supported; audio is not)")
+    if len(videos) > 1:
+        raise ValueError(f"a request with {len(videos)} videos: himap reads one video per request")
     return images, videos
+
+
+def read_video(video, max_frames: int) -> list:
+    """A video's frames: sampled from its file, or the list given."""
+    from himap.models.loading import load_video_frames
+
+    return load_video_frames(video, max_frames) if isinstance(video, (str, os.PathLike)) else list(video)
 
 
 def continuation_ids(tokenizer, context_text: str, continuation: str) -> list[int]:
@@ -250,6 +256,10 @@ def summarize(records: list[dict]) -> dict:
     return summary
 
 
+def _has_video(request: Request) -> bool:
+    return bool(split_visuals(request.visuals)[1])
+
+
 def _stop_at(tokenizer, until: list[str], prompt_len: int):
     """A stopping criterion that ends a row once its generated text holds one of `until`
     (transformers' own stop_strings cannot read every tokenizer's vocabulary, e.g. word-level
@@ -281,8 +291,14 @@ class HarnessModel:
         from himap.cli.common import model_shape, resolve_methods
         from himap.evaluation.runner import model_arch
         from himap.models.loading import load_model
-        from himap.prune.adapters import find_adapter
+        from himap.prune.adapters import visual_token_ids
 
+        from himap.models.loading import check_prompt_format
+        from himap.prune.engine import QUOTAS
+
+        check_prompt_format(args.prompt_format)
+        if args.quota not in QUOTAS:
+            raise ValueError(f"unknown quota {args.quota!r}; choose one of {', '.join(QUOTAS)}")
         self.args = args
         device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = args.dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
@@ -296,8 +312,8 @@ class HarnessModel:
         if len(schedules) != 1:
             raise ValueError(f"method={args.method!r} names {len(schedules)} methods; give one")
         self.schedule = schedules[0]
-        self.visual_token_id = find_adapter(self.model).image_token_id(self.model)
-        self.handle = himap.apply(self.model, self.schedule)  # vanilla too: its statistics are recorded
+        self.visual_token_ids = visual_token_ids(self.model)
+        self.handle = himap.apply(self.model, self.schedule, quota=args.quota)  # vanilla too: its statistics are recorded
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
         self.stop_ids = set(self.eos_ids)  # where a generated answer ends: end of sequence or padding
@@ -317,13 +333,14 @@ class HarnessModel:
     def generate(self, requests: list[Request], progress: bool = False) -> list[Answer]:
         """Answers of generation requests, in the requests' order."""
         settings = [generation_settings(r.gen_kwargs, self.args.max_new_tokens) for r in requests]
-        groups = [(repr(sorted(s[0].items())), tuple(s[1]), s[2]) for s in settings]
+        groups = [(repr(sorted(s[0].items())), tuple(s[1]), s[2], _has_video(r)) for s, r in zip(settings, requests)]
         return self._run(requests, groups, lambda batch: self._generate_batch(batch, settings[batch[0][0]]),
                          progress, "himap generate")
 
     def loglikelihood(self, requests: list[Request], progress: bool = False) -> list[Answer]:
         """-log p(continuation | context) and is_greedy of each request, in the requests' order."""
-        return self._run(requests, [0] * len(requests), self._loglikelihood_batch, progress, "himap loglikelihood")
+        return self._run(requests, [_has_video(r) for r in requests], self._loglikelihood_batch, progress,
+                         "himap loglikelihood")
 
     def _run(self, requests, groups, run_batch, progress: bool, desc: str) -> list[Answer]:
         from tqdm.auto import tqdm
@@ -345,12 +362,14 @@ class HarnessModel:
         return answers
 
     def _inputs(self, batch: list, prompts: list[str]) -> dict:
+        """Model inputs of a batch (its requests all have a video or none: `_has_video` groups)."""
         from himap.models.loading import build_inputs
 
-        media = [split_visuals(r.visuals, self.args.max_frames_num) for _, r in batch]
+        media = [split_visuals(r.visuals) for _, r in batch]
         images = [m[0] for m in media]
-        videos = [m[1] for m in media] if any(m[1] for m in media) else None
-        return build_inputs(self.processor, images, prompts, device=self.model.device, videos=videos)
+        videos = [read_video(m[1][0], self.args.max_frames_num) for m in media] if media[0][1] else None
+        return build_inputs(self.processor, images, prompts, device=self.model.device, videos=videos,
+                            prompt_format=self.args.prompt_format)
 
     def _generate_batch(self, batch, setting) -> list[Answer]:
         from himap.models.loading import generate_ids
@@ -376,8 +395,9 @@ class HarnessModel:
 
         targets = []
         for _, r in batch:
-            images, videos = split_visuals(r.visuals, self.args.max_frames_num)
-            text = chat_text(self.processor, r.context, images=len(images), videos=len(videos))
+            images, videos = split_visuals(r.visuals)
+            text = chat_text(self.processor, r.context, n_images=len(images), video=bool(videos),
+                             prompt_format=self.args.prompt_format)
             ids = continuation_ids(self.tokenizer, text, r.continuation or "")
             if any(t in self.eos_ids for t in ids[:-1]):
                 raise ValueError(f"the continuation {r.continuation!r} holds an end-of-sequence token before "
@@ -418,7 +438,7 @@ class HarnessModel:
     def _with_stats(self, answers: list[Answer], inputs: dict) -> list[Answer]:
         from himap.prune.tokens import token_sets
 
-        sets = token_sets(inputs["input_ids"].cpu(), self.visual_token_id, inputs["attention_mask"].cpu())
+        sets = token_sets(inputs["input_ids"].cpu(), self.visual_token_ids, inputs["attention_mask"].cpu())
         counts = sets.counts()
         stats = self.handle.stats
         for b, answer in enumerate(answers):
