@@ -227,3 +227,54 @@ def test_sampling_follows_the_temperature(vanilla_model, items):
     torch.manual_seed(0)
     sampled = vanilla_model.generate(_requests(items, gen_kwargs={"max_new_tokens": 3, "temperature": 50.0}))
     assert [a.text for a in sampled] != [a.text for a in greedy]  # near-uniform sampling leaves the greedy answers
+
+
+# ----------------------------------------------------------------------------- another family
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    from himap.models.testing import random_images, save_tiny_family_dir
+
+    root = tmp_path_factory.mktemp("qwen_harness")
+    paths = []
+    for i, im in enumerate(random_images([(64, 96), (96, 64), (64, 64), (64, 64), (64, 64), (64, 64)], seed=5)):
+        paths.append(str(root / f"im{i}.png"))
+        im.save(paths[-1])
+    return save_tiny_family_dir(root / "model", "qwen2_5_vl", seed=2), paths
+
+
+def test_a_family_with_video_plugs_in_through_loading(qwen_dir):
+    """Qwen2.5-VL (M-RoPE positions, video): several images, a video as frames, and the unpruned
+    log-likelihood equal to one forward over context + continuation."""
+    from PIL import Image
+
+    from himap.models.loading import build_inputs, chat_text
+
+    model_dir, paths = qwen_dir
+    frames = [Image.open(p).convert("RGB") for p in paths[2:]]
+    pruned = HarnessModel(HarnessArgs(pretrained=model_dir, method="himap", batch_size=4), device="cpu")
+    try:
+        two, video = pruned.generate([
+            Request(context="What is this ?", visuals=paths[:2], gen_kwargs={"max_new_tokens": 2}),
+            Request(context="What is this ?", visuals=[frames], gen_kwargs={"max_new_tokens": 2})])
+    finally:
+        pruned.close()
+    for answer in (two, video):
+        n = answer.stats["visual_tokens"]
+        assert n > 0 and answer.stats["visual_tokens_per_layer"] == image_tokens_per_layer(PRESETS["himap"], n, 10)
+
+    plain = HarnessModel(HarnessArgs(pretrained=model_dir, method="vanilla", batch_size=4), device="cpu")
+    reqs = [Request(context="What is this ?", visuals=[paths[0]], continuation=c) for c in (" is", " this is it")]
+    got = plain.loglikelihood(reqs)  # one batch, continuations of 1 and 3 tokens
+    plain.close()  # the reference runs the unmodified model
+    for r, a in zip(reqs, got):
+        ctx = build_inputs(plain.processor, [r.visuals[0]], [r.context])
+        ids = torch.tensor([continuation_ids(plain.tokenizer, chat_text(plain.processor, r.context), r.continuation)])
+        width = ctx["input_ids"].shape[1]  # extend every per-token input: ids, mask (ones), token types (text: 0)
+        full = {k: torch.cat([v, ids if k == "input_ids" else torch.full_like(ids, int(k == "attention_mask"))], 1)
+                if v.dim() == 2 and v.shape[1] == width else v for k, v in ctx.items()}
+        with torch.no_grad():
+            logits = plain.model(**full).logits[0, -ids.shape[1] - 1:-1].float()
+        nll = -float(torch.log_softmax(logits, -1)[torch.arange(ids.shape[1]), ids[0]].sum())
+        assert a.nll == pytest.approx(nll, abs=1e-4)
+    assert [a.output_tokens for a in got] == [1, 3]
