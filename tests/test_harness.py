@@ -235,27 +235,21 @@ def test_sampling_follows_the_temperature(vanilla_model, items):
 def qwen_dir(tmp_path_factory):
     from himap.models.testing import random_images, save_tiny_family_dir
 
-    root = tmp_path_factory.mktemp("qwen_harness")
-    paths = []
-    for i, im in enumerate(random_images([(64, 96), (96, 64), (64, 64), (64, 64), (64, 64), (64, 64)], seed=5)):
-        paths.append(str(root / f"im{i}.png"))
-        im.save(paths[-1])
-    return save_tiny_family_dir(root / "model", "qwen2_5_vl", seed=2), paths
+    images = random_images([(64, 96), (96, 64), (64, 64), (64, 64), (64, 64), (64, 64)], seed=5)
+    return save_tiny_family_dir(tmp_path_factory.mktemp("qwen_harness"), "qwen2_5_vl", seed=2), images
 
 
 def test_a_family_with_video_plugs_in_through_loading(qwen_dir):
     """Qwen2.5-VL (M-RoPE positions, video): several images, a video as frames, and the unpruned
     log-likelihood equal to one forward over context + continuation."""
-    from PIL import Image
-
     from himap.models.loading import build_inputs, chat_text
 
-    model_dir, paths = qwen_dir
-    frames = [Image.open(p).convert("RGB") for p in paths[2:]]
+    model_dir, images = qwen_dir
+    frames = images[2:]
     pruned = HarnessModel(HarnessArgs(pretrained=model_dir, method="himap", batch_size=4), device="cpu")
     try:
         two, video = pruned.generate([
-            Request(context="What is this ?", visuals=paths[:2], gen_kwargs={"max_new_tokens": 2}),
+            Request(context="What is this ?", visuals=images[:2], gen_kwargs={"max_new_tokens": 2}),
             Request(context="What is this ?", visuals=[frames], gen_kwargs={"max_new_tokens": 2})])
     finally:
         pruned.close()
@@ -264,7 +258,7 @@ def test_a_family_with_video_plugs_in_through_loading(qwen_dir):
         assert n > 0 and answer.stats["visual_tokens_per_layer"] == image_tokens_per_layer(PRESETS["himap"], n, 10)
 
     plain = HarnessModel(HarnessArgs(pretrained=model_dir, method="vanilla", batch_size=4), device="cpu")
-    reqs = [Request(context="What is this ?", visuals=[paths[0]], continuation=c) for c in (" is", " this is it")]
+    reqs = [Request(context="What is this ?", visuals=[images[0]], continuation=c) for c in (" is", " this is it")]
     got = plain.loglikelihood(reqs)  # one batch, continuations of 1 and 3 tokens
     plain.close()  # the reference runs the unmodified model
     for r, a in zip(reqs, got):
