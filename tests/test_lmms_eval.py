@@ -202,3 +202,5 @@ def test_requests_become_harness_requests_and_padding_is_not_counted():
     assert (got[0].context, got[0].visuals, got[0].key, got[0].gen_kwargs) == ("Q?", ["b.png"], ("t", "test", 1), {"until": ["\n"]})
     assert got[1].key is None and got[1].visuals == ["b.png"]
     assert (got[2].context, got[2].visuals, got[2].key) == ("", [], ("t", "test", 1))
+    with pytest.raises(ValueError, match="applies the model's chat template itself"):
+        model.chat_template  # what lmms-eval reads under --apply_chat_template

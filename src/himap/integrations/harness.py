@@ -290,10 +290,8 @@ class HarnessModel:
         import himap
         from himap.cli.common import model_shape, resolve_methods
         from himap.evaluation.runner import model_arch
-        from himap.models.loading import load_model
+        from himap.models.loading import check_prompt_format, load_model
         from himap.prune.adapters import visual_token_ids
-
-        from himap.models.loading import check_prompt_format
         from himap.prune.engine import QUOTAS
 
         check_prompt_format(args.prompt_format)

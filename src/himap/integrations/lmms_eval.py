@@ -97,6 +97,13 @@ class HimapLmms(lmms):
     def batch_size(self) -> int:
         return self.batch_size_per_gpu
 
+    @property
+    def chat_template(self):
+        """Read by lmms-eval only under --apply_chat_template, which would wrap the prompt in a
+        second template: himap applies the model's own chat template to every request already."""
+        raise ValueError("--apply_chat_template: himap applies the model's chat template itself "
+                         "(prompt_format=hf or llava-v1); run without it")
+
     # ------------------------------------------------------------------ requests
 
     def _doc(self, task, split, doc_id):
