@@ -272,3 +272,16 @@ def test_a_family_with_video_plugs_in_through_loading(qwen_dir):
         nll = -float(torch.log_softmax(logits, -1)[torch.arange(ids.shape[1]), ids[0]].sum())
         assert a.nll == pytest.approx(nll, abs=1e-4)
     assert [a.output_tokens for a in got] == [1, 3]
+
+
+def test_shapes_export_writes_the_items_himap_eval_reads(tmp_path):
+    import json
+    import os
+
+    path = shapes.export(str(tmp_path), split="mc,pope", limit=4)
+    rows = [json.loads(line) for line in open(path)]
+    items = shapes.load(None, split="mc,pope", limit=4)
+    assert [(r["id"], r["prompt"], r["answer"], r["split"]) for r in rows] == \
+        [(it.id, it.prompt, it.answer, it.meta["split"]) for it in items]
+    assert all(os.path.isfile(os.path.join(tmp_path, r["image"])) for r in rows)
+    assert rows[0]["options"] == items[0].meta["options"] and rows[-1]["options"] == []
