@@ -389,7 +389,7 @@ class HarnessModel:
         import torch
         from transformers import LogitsProcessor, LogitsProcessorList
 
-        from himap.models.loading import chat_text
+        from himap.models.loading import chat_text, in_model_dtype
 
         targets = []
         for _, r in batch:
@@ -415,10 +415,8 @@ class HarnessModel:
                 out = torch.full_like(scores, -math.inf)
                 return out.scatter_(1, forced[:, j:j + 1], 0.0)
 
-        pixel = {k: v.to(self.model.dtype) if k.startswith("pixel_values") and v.is_floating_point() else v
-                 for k, v in inputs.items()}
         with torch.no_grad():
-            out = self.model.generate(**pixel, max_new_tokens=steps, min_new_tokens=0, do_sample=False,
+            out = self.model.generate(**in_model_dtype(self.model, inputs), max_new_tokens=steps, min_new_tokens=0, do_sample=False,
                                       logits_processor=LogitsProcessorList([Forced()]),
                                       output_logits=True, return_dict_in_generate=True)
         logits = torch.stack(out.logits, dim=1).float()  # [B, steps, V]: raw, before any processor

@@ -341,6 +341,11 @@ def _uniform(total: int, n: int) -> list[int]:
     return sorted(set(np.linspace(0, total - 1, min(n, total)).round().astype(int).tolist()))
 
 
+def in_model_dtype(model, inputs: dict) -> dict:
+    """`inputs` with the pixel tensors in the model's dtype (what its vision tower expects)."""
+    return {k: v.to(model.dtype) if k.startswith("pixel_values") else v for k, v in inputs.items()}
+
+
 def generate_ids(model, inputs: dict, max_new_tokens: int = 16, recompute: bool = False, **generate_kwargs):
     """Greedy decoding (unless generate_kwargs ask for sampling); returns only the new token ids [B, n].
 
@@ -351,7 +356,7 @@ def generate_ids(model, inputs: dict, max_new_tokens: int = 16, recompute: bool 
     attending to the pruned cache."""
     import torch
 
-    inputs = {k: v.to(model.dtype) if k.startswith("pixel_values") else v for k, v in inputs.items()}
+    inputs = in_model_dtype(model, inputs)
     generate_kwargs = {"do_sample": False, **generate_kwargs}  # do_sample=True (with a temperature) samples
     if recompute:
         generate_kwargs = {**generate_kwargs, "use_cache": False}
