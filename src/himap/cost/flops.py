@@ -252,14 +252,14 @@ ARCHS: dict[str, Arch] = {
                                note="a 768 x 768 image: base 27 x 27 = 729 tokens + 2 x 2 crops 54 x 54 = 2,916 "
                                     "+ 54 row newlines (anyres_max_9)"),
     # Scaled-down decoders for CPU benchmarks with the real visual token counts' order (>= 2,000):
-    # a 512-wide 16-layer decoder, tiny towers.
-    "llava-next-cpu": Arch("llava-next-cpu", hidden=512, intermediate=1408, num_layers=16, num_heads=8,
-                           num_kv_heads=8, vocab=32064, image_tokens=2928, family="llava_next",
+    # llava-tiny-cpu's 1024-wide 16-layer decoder (GQA 16/4 for Qwen), tiny towers.
+    "llava-next-cpu": Arch("llava-next-cpu", hidden=1024, intermediate=2816, num_layers=16, num_heads=16,
+                           num_kv_heads=16, vocab=32064, image_tokens=2928, family="llava_next",
                            vision=VisionArch(image_size=336, patch_size=14, hidden=64, intermediate=128,
                                              num_layers=2, num_heads=2, tiles=5),
                            note="a 672 x 672 image: 576 base + 48 x 48 crop tokens + 48 newlines"),
-    "qwen2.5-vl-cpu": Arch("qwen2.5-vl-cpu", hidden=512, intermediate=1408, num_layers=16, num_heads=8,
-                           num_kv_heads=2, vocab=32064, image_tokens=2304, family="qwen2_5_vl",
+    "qwen2.5-vl-cpu": Arch("qwen2.5-vl-cpu", hidden=1024, intermediate=2816, num_layers=16, num_heads=16,
+                           num_kv_heads=4, vocab=32064, image_tokens=2304, family="qwen2_5_vl",
                            image_token_id=32000,
                            vision=VisionArch(image_size=1344, patch_size=14, hidden=64, intermediate=128,
                                              num_layers=2, num_heads=2, merge=2, cls_token=False,
