@@ -338,7 +338,7 @@ def test_decode_step_on_another_cache_is_refused(models, batch):
         t = batch["input_ids"].shape[1]
         for layer in range(10):  # the right total length everywhere, but not the pruned prefill's cache
             other.update(torch.zeros(2, 2, t, 16), torch.zeros(2, 2, t, 16), layer)
-        with pytest.raises(RuntimeError, match="did not fill"):
+        with pytest.raises(RuntimeError, match="no prefill under himap filled"):
             model(input_ids=nxt, attention_mask=mask, **{_cache_kw(): other})
         model(input_ids=nxt, attention_mask=mask, **{_cache_kw(): cache})  # the right one works
 
@@ -416,3 +416,78 @@ def test_no_deprecation_warnings_from_pruned_generate(models, batch):
         with himap.pruned(model, "himap") as handle:
             greedy(model, batch, n=3)
     assert handle.stats.pruned
+
+
+def test_each_cache_keeps_its_own_record(models, batch):
+    """A prefill in between (here one without image tokens) does not lose the first cache's record:
+    continuing the first cache gives exactly the uninterrupted decode."""
+    model = models["sdpa"]
+    kw = _cache_kw()
+
+    def step(interleave):
+        out = model(**batch, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(nxt)], dim=1)
+        if interleave:
+            ids = torch.tensor([[1, 5, 6, 7]])
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)  # another prefill
+        return model(input_ids=nxt, attention_mask=mask, **{kw: getattr(out, kw)}).logits
+
+    with torch.no_grad(), himap.pruned(model, Schedule((Stage(2, 0.5, "phi_sh"),))):
+        assert_close(step(interleave=True), step(interleave=False), rtol=0, atol=0)
+
+
+def test_replay_must_fit_the_schedule(models, batch):
+    model = models["sdpa"]
+    schedule = Schedule((Stage(2, 0.5, "phi_sh"),))
+    with himap.pruned(model, schedule) as handle:
+        model(**batch)
+        kept = handle.stats.kept_image_indices
+    with himap.pruned(model, schedule, replay=[[k[:3] for k in kept[0]]]):  # 3 indices, the stage keeps 32
+        with pytest.raises(ValueError, match="replay: stage 1"):
+            model(**batch)
+    with himap.pruned(model, schedule, replay=[[list(range(60, 92)) for _ in kept[0]]]):  # indices >= 64
+        with pytest.raises(ValueError, match="replay: stage 1"):
+            model(**batch)
+
+
+def test_image_tokens_on_a_filled_cache_are_refused(models, batch):
+    model = models["sdpa"]
+    kw = _cache_kw()
+    with himap.pruned(model, "himap"):
+        ids = batch["input_ids"][:1, :3]  # BOS and system text only: no image yet
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        rest = batch["input_ids"][:1, 3:]  # the image arrives on a cache that holds tokens
+        mask = torch.ones((1, batch["input_ids"].shape[1]), dtype=torch.long)
+        with pytest.raises(ValueError, match="image tokens arrived on a cache"):
+            model(input_ids=rest, attention_mask=mask, pixel_values=batch["pixel_values"][:1],
+                  **{kw: getattr(out, kw)})
+
+
+def test_a_failed_apply_leaves_nothing_attached(models, batch, monkeypatch):
+    model = models["sdpa"]
+    lm = model.model.language_model
+    ref = model(**batch).logits
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(model, "set_attn_implementation", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        himap.apply(model, "himap")
+    monkeypatch.undo()
+    assert not hasattr(lm, "_himap_handle") and not lm._forward_pre_hooks and not lm._forward_hooks
+    assert not any(layer._forward_pre_hooks for layer in lm.layers) and not model._forward_pre_hooks
+    assert_close(model(**batch).logits, ref, rtol=0, atol=0)
+    with himap.pruned(model, "himap"):  # and it applies again
+        model(**batch)
+
+
+def test_dart_criterion_on_any_schedule_uses_its_defaults(models, batch):
+    from himap.cost.flops import PromptShape, full_cost, get_arch
+
+    schedule = Schedule((Stage(2, 0.0, "dart", keep=0.25),), name="dart-custom")
+    with himap.pruned(models["sdpa"], schedule) as handle:
+        models["sdpa"](**batch)
+    assert [len(k) for k in handle.stats.kept_image_indices[0]] == [16, 16]
+    assert full_cost(get_arch("llava-1.5-7b"), schedule, PromptShape(35, 40, 1)).ranking > 0

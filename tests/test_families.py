@@ -303,3 +303,47 @@ def test_criteria_reductions_equal_dense_criteria():
             red = reduced_attention(q, k, rows, sets.valid, 0.3, reduce, sets.image if reduce == "row" else None,
                                     budget_bytes=budget)
             assert_close(criteria.from_reduction(red, sets), dense, rtol=1e-5, atol=1e-6)
+
+
+def test_segment_with_full_and_sliding_layers_gets_each_its_mask(tmp_path):
+    """A Qwen2 decoder whose layers mix full and sliding-window attention: every pruned layer gets
+    the mask of its own kind (dropping nothing stays bit-exact, also decoding)."""
+    from transformers import AutoModelForImageTextToText
+
+    from himap.models.testing import tiny_family_config
+
+    processor = family_processor("llava_onevision")
+    cfg = tiny_family_config("llava_onevision", processor.tokenizer)
+    cfg.text_config.use_sliding_window = True
+    cfg.text_config.sliding_window = 6
+    cfg.text_config.layer_types = ["full_attention"] * 4 + ["sliding_attention"] * 6
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    batch = family_batch(processor, SAMPLES, seed=1)
+    ref_logits, ref_tokens = model(**batch).logits, greedy(model, batch)
+    nothing = Schedule((Stage(2, 0.0, "phi_sh"), Stage(5, 0.0, "phi_dp")), name="noop")
+    with himap.pruned(model, nothing):
+        assert_close(model(**batch).logits, ref_logits, rtol=0, atol=0)
+        assert torch.equal(greedy(model, batch), ref_tokens)
+
+
+def test_stage_before_the_llm_on_mrope_decode_needs_the_mask():
+    """Qwen numbers a decode step from layer 0's cache, which a stage at K = 0 shortened: without an
+    attention mask to count the true past from, the step is refused, not run at a wrong position."""
+    import inspect
+
+    from transformers import Qwen2VLTextModel
+
+    from himap.prune.engine import CACHE_KEYWORDS
+
+    kw = next(k for k in CACHE_KEYWORDS if k in inspect.signature(Qwen2VLTextModel.forward).parameters)
+    processor = family_processor("qwen2_vl")
+    model = tiny_family_model("qwen2_vl", processor.tokenizer)
+    batch = family_batch(processor, SAMPLES[:1], seed=1)
+    with torch.no_grad(), himap.pruned(model, Schedule((Stage(0, 0.5, "random"),), name="k0")):
+        out = model(**batch, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        with pytest.raises(ValueError, match="needs the attention_mask"):
+            model(input_ids=nxt, **{kw: getattr(out, kw)})

@@ -89,3 +89,11 @@ def test_analyze_saliency_disrupt_filter(family_dir, tmp_path, capsys):
                    "--out", str(tmp_path / cmd), "--batch-size", "2", *extra])
         out, err = capsys.readouterr()
         assert rc == 0, (cmd, err)
+
+
+def test_a_method_the_family_cannot_run_is_one_line(tmp_path, files, capsys):
+    """VisionZip reads LLaVA-1.5's CLIP tower: on LLaVA-NeXT it is refused with a message and exit 2."""
+    model_dir = save_tiny_family_dir(tmp_path / "next", "llava_next", seed=2)
+    rc, _, err = _generate(capsys, model_dir, "--image", files["images"][0], "--method", "visionzip")
+    assert rc == 2 and "himap generate: error: llava-next models have no vision-tower adapter" in err
+    assert "Traceback" not in err

@@ -137,3 +137,19 @@ def test_sweep_cli_tiny_model(tiny_model_dir, fixtures_dir, tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert len(rows) == 5 and rows[4]["same_as"] == "himap"
     assert len(open(tmp_path / "out" / "pope" / "uniform@himap.jsonl").readlines()) == 2
+
+
+def test_sweep_cli_reports_a_method_it_cannot_run(tmp_path, capsys):
+    """On the built-in model (10 layers, d=64) no HiMAP schedule is as cheap as VisionZip-64: the sweep
+    runs the rest and says on stderr which method it left out and why; the table says it too."""
+    from himap import cli
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(f"model: builtin\nout: {tmp_path / 'out'}\nlimit: 2\nthreads: 1\n"
+                      "tasks: [{name: shapes, split: mc}]\nmethods: [vanilla, match=visionzip-64@base]\n")
+    assert cli.main(["sweep", str(config), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "himap sweep: not run on shapes" in err and "match=visionzip-64@himap" in err
+    assert "cannot be as cheap" in err and "Not run: match=visionzip-64@himap" in out
+    final = json.loads(out.strip().splitlines()[-1])
+    assert [list(methods) for methods in final["sweep"].values()] == [["vanilla"]]

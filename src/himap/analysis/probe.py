@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
 
 PROBE_ATTR = "_himap_flow_probe"
 """Attribute holding a LayerProbe on each decoder layer's attention module (removed on exit)."""

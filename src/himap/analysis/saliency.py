@@ -41,6 +41,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 METRICS = ("S_sys", "S_img", "S_ins", "S_vv", "S_vt")
 """Per-layer block metrics, in the order the paper introduces them."""

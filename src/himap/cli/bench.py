@@ -66,11 +66,9 @@ def _load(args):
         arch = get_arch(args.arch)
         return random_model(arch, args.device, dtype, args.attn, args.seed), arch.name
     if args.random_weights:
-        from transformers import AutoConfig
+        from himap.models.loading import model_config
 
-        from himap.models.loading import resolve_model_path
-
-        arch = Arch.from_config(AutoConfig.from_pretrained(resolve_model_path(args.model)), name=args.model)
+        arch = Arch.from_config(model_config(args.model), name=args.model)
         return random_model(arch, args.device, dtype, args.attn, args.seed), args.model
     from himap.models.loading import load_model
 

@@ -24,12 +24,14 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input or an environment problem (a file, a device, a package, an
     unreachable judge), reported as a message: ValueError (DataError, ImageError, schedule and
     argument checks), OSError (files, model folders, the hub), ImportError (optional packages),
-    the evaluation's and the judge's own errors, and the engine's unknown-layout error."""
+    the evaluation's and the judge's own errors, the engine's unknown-layout error and an
+    unsupported model class."""
     from himap.evaluation.judge import JudgeError
     from himap.evaluation.runner import EvalError
+    from himap.prune.adapters import UnsupportedModelError
     from himap.prune.engine import LayoutError
 
-    return (ValueError, OSError, ImportError, EvalError, JudgeError, LayoutError)
+    return (ValueError, OSError, ImportError, EvalError, JudgeError, LayoutError, UnsupportedModelError)
 
 
 def error_message(err: BaseException) -> str | None:

@@ -57,11 +57,9 @@ def load_arch(arch_name: str | None, model: str | None):
 
     if arch_name:
         return get_arch(arch_name)
-    from transformers import AutoConfig
+    from himap.models.loading import model_config
 
-    from himap.models.loading import resolve_model_path
-
-    return Arch.from_config(AutoConfig.from_pretrained(resolve_model_path(model)), name=model)
+    return Arch.from_config(model_config(model), name=model)
 
 
 def resolve_methods(names: str, arch, args=None, with_vanilla: bool = True):

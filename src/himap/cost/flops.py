@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from himap.prune.schedule import Schedule, get_schedule, image_tokens_per_layer
+from himap.prune.schedule import PEER_CRITERIA, Schedule, get_schedule, image_tokens_per_layer
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 """Bytes per element of the KV cache for each dtype name."""
@@ -380,7 +380,6 @@ RANKING_ROWS = {"phi_sh": "instruction", "phi_dp": "image", "phi_dp_row": "image
                 "divprune": None, "visionzip": None}
 """Query rows whose attention each criterion reads at layer K-1 (None: no attention rows; the
 peers' own work is counted by `peer_selection_flops`)."""
-PEER_CRITERIA = ("pdrop", "dart", "divprune", "visionzip")
 
 
 def ranking_flops(arch: Arch, schedule: Schedule, shape: PromptShape) -> int:

@@ -140,7 +140,7 @@ def load_model(path_or_id: str, attn_implementation: str = "sdpa", dtype=None, d
     """(model, processor) in eval mode on `device`. dtype: None (fp32 on CPU, the checkpoint's
     on GPU), a torch dtype, or one of fp32 / bf16 / fp16."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     path = resolve_model_path(path_or_id)
     device = check_device(device)

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 
+class UnsupportedModelError(TypeError):
+    """The model's class or layout is one himap cannot prune; the message says which and why."""
+
+
 def _decoder(model):
     return model.model.language_model
 
@@ -105,11 +109,11 @@ def llava_vision_features(model) -> VisionFeatures:
     layers = getattr(tower, "vision_model", tower).encoder.layers  # CLIPVisionModel or its transformer
     f = cfg.vision_feature_layer
     if not isinstance(f, int):
-        raise TypeError(f"vision_feature_layer={f!r} concatenates several layers; VisionZip reads one")
+        raise UnsupportedModelError(f"vision_feature_layer={f!r} concatenates several layers; VisionZip reads one")
     h = f if f >= 0 else len(layers) + 1 + f  # index into the encoder's hidden states (0: embeddings)
     offsets = {"default": 1, "full": 0}
     if cfg.vision_feature_select_strategy not in offsets:
-        raise TypeError(f"unknown vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}")
+        raise UnsupportedModelError(f"unknown vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}")
     return VisionFeatures(layers[max(h - 1, 0)].self_attn, model.model.multi_modal_projector,
                           offsets[cfg.vision_feature_select_strategy])
 
@@ -158,11 +162,11 @@ def find_adapter(model) -> Adapter:
     for adapter in ADAPTERS:
         if cls in adapter.classes:
             if adapter.refuse:
-                raise TypeError(f"{cls}: {adapter.refuse}")
+                raise UnsupportedModelError(f"{cls}: {adapter.refuse}")
             lm = adapter.language_model(model)
             missing = [p for p in LLAMA_PARTS if not hasattr(lm, p)]
             if missing:
-                raise TypeError(f"{cls}'s language model {type(lm).__name__} is not a Llama-architecture "
+                raise UnsupportedModelError(f"{cls}'s language model {type(lm).__name__} is not a Llama-architecture "
                                 f"decoder (missing {', '.join(missing)})")
             return adapter
-    raise TypeError(f"himap does not support {cls}; supported model classes: {', '.join(supported_classes())}")
+    raise UnsupportedModelError(f"himap does not support {cls}; supported model classes: {', '.join(supported_classes())}")

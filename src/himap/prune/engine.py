@@ -49,7 +49,7 @@ import torch
 
 from himap.prune import criteria, peers, vision
 from himap.prune.adapters import find_adapter
-from himap.prune.schedule import Schedule, Stage, get_schedule, stage_kept
+from himap.prune.schedule import PEER_CRITERIA, Schedule, Stage, get_schedule, stage_kept
 from himap.prune.tokens import TokenSets, token_sets, visual_groups
 
 _WRAPPER_PREFIX = "himap_"
@@ -135,13 +135,29 @@ class _Tokens:
 
 @dataclass
 class _Segment:
-    """Layers [start, end) and the tokens they see; `substitute` holds the layer keyword arguments
-    (mask, position embeddings) built for the current call at the segment's first layer."""
+    """Layers [start, end) and the tokens they see. For the call in progress: `mask2d` [B, T'+...]
+    marks the keys the segment's layers attend to, `substitute` holds the other layer keyword
+    arguments (position embeddings, position ids), and `masks` the mask built from `mask2d` for
+    each kind of layer (full or sliding attention) the segment holds, built at its first layer."""
 
     start: int
     end: int
     tokens: _Tokens
+    mask2d: torch.Tensor | None = None
     substitute: dict | None = None
+    masks: dict = field(default_factory=dict)
+
+    def record(self) -> "_Segment":
+        """The part a later decode step needs: layers and tokens, none of this call's tensors."""
+        return _Segment(self.start, self.end, self.tokens)
+
+
+@dataclass
+class _Record:
+    """What a pruned prefill left in a cache: its prompt length and segments (kept tokens)."""
+
+    prompt_len: int
+    segments: list
 
 
 @dataclass
@@ -153,6 +169,7 @@ class _Call:
     ids: torch.Tensor | None  # [B, T] prompt ids (prefill)
     cache: object = None  # the cache the layers receive
     segments: list = field(default_factory=list)  # [_Segment] from K1 on
+    record: _Record | None = None  # decode: the record of the prefill that filled the cache
     stage: int = 0  # next stage to run (prefill)
     tokens: _Tokens | None = None  # tokens present (prefill)
     image_index: torch.Tensor | None = None  # [B, T] index among the sample's visual tokens
@@ -191,7 +208,7 @@ class PruneHandle:
         self._mm_kwargs = {}  # the multimodal call's video inputs (frames per video, per-image quota)
         self._capture: _Capture | None = None
         self._call: _Call | None = None
-        self._prefill = None  # (weakref to its cache or None, prompt length, [_Segment]) of the last prefill
+        self._records = weakref.WeakKeyDictionary()  # cache -> _Record of the prefill that filled it
         self._probing = False  # layers run by the gradient criterion: hooks stand aside
         self._key_check = None  # (layer, [B, Hkv, T', D/2] expected key pair norms): PyramidDrop's check
         self._vision = None  # himap.prune.vision.VisionState when a stage reads the vision tower
@@ -498,11 +515,26 @@ def _replay_scores(kept: list[list[int]], tokens: _Tokens, image_index: torch.Te
 
 def _stage_keep(handle: PruneHandle, lm, call: _Call, stage: Stage, hidden: torch.Tensor, kwargs) -> torch.Tensor:
     """[B, T'] positions kept by `stage` among the tokens present: every non-image token and the
-    image tokens the criterion (or the replayed indices) chooses, as many as `stage_kept` says."""
+    image tokens the criterion (or the replayed indices) chooses, as many as `stage_kept` says.
+    A replay must come out exactly as recorded, else it raises."""
+    keep = _select(handle, lm, call, stage, hidden, kwargs)
+    if handle.replay is not None:
+        idx = call.image_index.gather(1, call.tokens.index)  # [B, T'] image index of each present token
+        for b, recorded in enumerate(handle.replay[call.stage]):
+            got = idx[b][keep[b] & call.tokens.sets.image[b]].tolist()
+            if sorted(got) != sorted(set(recorded)):
+                raise ValueError(f"replay: stage {call.stage + 1} of {handle.schedule.name} keeps {len(got)} image "
+                                 f"tokens of sample {b}, the replayed set names {len(recorded)} (or tokens no "
+                                 f"longer present): a replay must fit the schedule's counts")
+    return keep
+
+
+def _select(handle: PruneHandle, lm, call: _Call, stage: Stage, hidden: torch.Tensor, kwargs) -> torch.Tensor:
+    """`_stage_keep`'s selection, from the criterion or the replayed indices."""
     tokens = call.tokens
     sets = tokens.sets
     keep_n = [stage_kept(stage, int(n), int(n0)) for n, n0 in zip(sets.image.sum(1).tolist(), call.n_image)]
-    if stage.criterion in ("visionzip", "dart", "divprune", "pdrop"):
+    if stage.criterion in PEER_CRITERIA:
         with torch.no_grad():
             return _peer_keep(handle, lm, call, stage, hidden, kwargs, keep_n)
     if handle.replay is not None:
@@ -596,6 +628,7 @@ def _cache_lengths(cache, num_layers: int) -> list[int]:
 def _decoder_pre_hook(handle: PruneHandle, lm, args, kwargs):
     """Start of a decoder call: prefill (rank and prune) or decode step (continue a prefill)."""
     handle._call = None
+    handle._capture, handle._key_check = None, None  # nothing a failed call asked for survives it
     if handle._probing:
         return None
     ids = kwargs.get("input_ids", args[0] if args else None)
@@ -624,12 +657,23 @@ def _decoder_pre_hook(handle: PruneHandle, lm, args, kwargs):
         handle._call = _start_prefill(handle, ids, mask2d.bool())
         handle._call.multi_axis = _multi_axis(kwargs)
         return None
-    handle._call = _start_decode(handle, lm, cache, mask2d.bool(), past)
-    handle._call.multi_axis = _multi_axis(kwargs)
-    if kwargs.get("position_ids") is None and handle._call.segments and handle._call.segments[0].start == 0:
-        # the library would number this step from layer 0's cache length, which a stage at K = 0 shortened
-        pos = torch.arange(past, past + t, device=ref.device)[None].expand(b, t)
-        return args, {**kwargs, "position_ids": pos}
+    if handle.schedule.stages and ids is not None and tuple(ids.shape) == (b, t) and bool(
+            torch.isin(ids, torch.tensor(handle.adapter.visual_token_ids(handle.model), device=ids.device)).any()):
+        raise ValueError("image tokens arrived on a cache that already holds tokens: himap ranks and prunes "
+                         "them in a prefill (an empty cache); send the image with the prompt's first call")
+    call = handle._call = _start_decode(handle, lm, cache, mask2d.bool(), past, t)
+    call.multi_axis = _multi_axis(kwargs)
+    if call.segments and call.segments[0].start == 0:
+        if kwargs.get("position_ids") is None:
+            # the library would number this step from layer 0's cache length, which a stage at K = 0 shortened
+            pos = torch.arange(past, past + t, device=ref.device)[None].expand(b, t)
+            return args, {**kwargs, "position_ids": pos}
+        if call.multi_axis and kwargs["position_ids"].shape[0] != 4:
+            # generate passes [text; 3 M-RoPE rows] from the 2D mask; 3 rows alone mean the model numbered
+            # the step itself, from layer 0's cache, which the stage at K = 0 shortened
+            raise ValueError("a decode step after a stage at K = 0 on a multi-axis (M-RoPE) model needs the "
+                             "attention_mask (or generate): the model numbers the step from layer 0's pruned "
+                             "cache otherwise")
     return None
 
 
@@ -645,17 +689,15 @@ def _true_past(handle: PruneHandle, cache) -> int:
     if cache is None:
         return 0
     past = int(cache.get_seq_length())
-    prefill = handle._prefill
-    if prefill is not None and prefill[2] and prefill[2][0].start == 0 and prefill[0] is not None \
-            and prefill[0]() is cache and past > 0:
-        return prefill[1] + past - prefill[2][0].tokens.index.shape[1]
+    record = handle._records.get(cache)
+    if record is not None and record.segments and record.segments[0].start == 0 and past > 0:
+        return record.prompt_len + past - record.segments[0].tokens.index.shape[1]
     return past
 
 
 def _start_prefill(handle: PruneHandle, ids, mask2d) -> _Call:
     sets = token_sets(ids, handle.adapter.visual_token_ids(handle.model), mask2d)
     stats = handle.stats = PruneStats()
-    handle._prefill = None
     call = _Call(prefill=True, mask2d=mask2d, ids=ids)
     b, t = ids.shape
     call.tokens = _Tokens(torch.arange(t, device=ids.device).expand(b, t), sets.valid, sets)
@@ -675,37 +717,40 @@ def _start_prefill(handle: PruneHandle, ids, mask2d) -> _Call:
     return call
 
 
-def _start_decode(handle: PruneHandle, lm, cache, mask2d, past: int) -> _Call:
+def _start_decode(handle: PruneHandle, lm, cache, mask2d, past: int, t: int) -> _Call:
     t0 = time.perf_counter()
     if handle.stats is None:
         handle.stats = PruneStats()
     try:
-        return _check_decode(handle, cache, mask2d, past, _cache_lengths(cache, len(lm.layers)))
+        return _check_decode(handle, cache, mask2d, past, t, _cache_lengths(cache, len(lm.layers)))
     finally:
         handle.stats.check_seconds += time.perf_counter() - t0
 
 
-def _check_decode(handle: PruneHandle, cache, mask2d, past: int, lengths: list[int]) -> _Call:
-    """A decode step's call, after checking it continues the last prefill's cache layer by layer."""
-    prefill = handle._prefill
-    if prefill is None or prefill[2] == []:
+def _check_decode(handle: PruneHandle, cache, mask2d, past: int, t: int, lengths: list[int]) -> _Call:
+    """A decode step's call, after checking it continues a cache a prefill under this handle filled,
+    layer by layer (each cache keeps the record of its own prefill)."""
+    record = handle._records.get(cache)
+    if record is None:
+        if handle.schedule.stages:
+            raise RuntimeError("this decode step continues a cache that no prefill under himap filled, so "
+                               "himap has no record of which tokens each layer holds; prefill again")
         if len(set(lengths)) > 1:
             raise RuntimeError("this cache was pruned by a different call (per-layer lengths differ) and "
                                "himap has no record of its kept tokens; start from a fresh cache")
         return _Call(prefill=False, mask2d=mask2d, ids=None, cache=cache)
-    cache_ref, prompt_len, segments = prefill
-    if cache_ref is None or cache_ref() is not cache:
-        raise RuntimeError("this decode step continues a cache that the last pruned prefill did not fill; "
-                           "himap holds the kept tokens of one prefill at a time: prefill again")
-    generated = past - prompt_len
-    expected = [prompt_len + generated] * segments[0].start
-    for seg in segments:
+    if mask2d.shape[1] != past + t:
+        raise ValueError(f"the attention mask covers {mask2d.shape[1]} positions; the cache holds {past} "
+                         f"tokens and the step brings {t}")
+    generated = past - record.prompt_len
+    expected = [record.prompt_len + generated] * (record.segments[0].start if record.segments else len(lengths))
+    for seg in record.segments:
         expected += [seg.tokens.index.shape[1] + generated] * (seg.end - seg.start)
     if lengths != expected:
         raise RuntimeError(f"per-layer cache lengths {lengths} differ from the pruned prefill's "
                            f"{expected} ({_versions()})")
-    return _Call(prefill=False, mask2d=mask2d, ids=None, cache=cache,
-                 segments=[_Segment(s.start, s.end, s.tokens) for s in segments])
+    return _Call(prefill=False, mask2d=mask2d, ids=None, cache=cache, record=record,
+                 segments=[s.record() for s in record.segments])
 
 
 def _request_rows(handle: PruneHandle, call: _Call) -> None:
@@ -741,10 +786,13 @@ def _layer_pre_hook(handle: PruneHandle, lm, layer_idx: int, args, kwargs):
     seg = next((s for s in call.segments if s.start <= layer_idx < s.end), None)
     if seg is None:
         return None
+    hidden = args[0] if args else kwargs["hidden_states"]
     if seg.substitute is None:  # a decode step's first layer of this segment
-        seg.substitute = _decode_substitute(handle, lm, call, seg, args[0] if args else kwargs["hidden_states"],
-                                            kwargs)
-    return args, {**kwargs, **seg.substitute}
+        _decode_substitute(handle, lm, call, seg, hidden, kwargs)
+    builder = handle.layout.mask_builders[layer_idx]
+    if builder not in seg.masks:  # the first layer of this kind (full / sliding attention) in the segment
+        seg.masks[builder] = _build_mask(handle, lm, layer_idx, hidden, seg.mask2d, call.cache)
+    return args, {**kwargs, **seg.substitute, "attention_mask": seg.masks[builder]}
 
 
 def _with_hidden(args, kwargs, hidden):
@@ -801,10 +849,8 @@ def _prune(handle: PruneHandle, lm, call: _Call, hidden, kwargs):
     call.stage += 1
     end = handle.schedule.stages[call.stage].k if call.stage < len(handle.schedule.stages) else num_layers
     seg_mask2d = call.mask2d.gather(1, tokens.index) & tokens.valid
-    substitute = {"attention_mask": _build_mask(handle, lm, stage.k, hidden, seg_mask2d, call.cache),
-                  "position_embeddings": _positions(handle, call, kwargs, tokens),
-                  "position_ids": None}
-    call.segments.append(_Segment(stage.k, end, tokens, substitute))
+    substitute = {"position_embeddings": _positions(handle, call, kwargs, tokens), "position_ids": None}
+    call.segments.append(_Segment(stage.k, end, tokens, seg_mask2d, substitute))
     _request_rows(handle, call)
     stats.ranking_seconds += _clock(hidden, handle.sync_timing) - t0
     return hidden
@@ -823,15 +869,15 @@ def _per_layer(rows: list, column: int) -> list[list[int]]:
     return [list(x) for x in zip(*per_layer)]
 
 
-def _decode_substitute(handle: PruneHandle, lm, call: _Call, seg: _Segment, hidden, kwargs) -> dict:
-    """The mask of a decode step for a segment's layers: kept prompt columns, then every later one.
-    With contiguous positions also the RoPE of the step's tokens: their true positions minus the
-    prompt tokens this segment no longer holds (PyramidDrop shifts decode positions the same way)."""
-    p = handle._prefill[1]
+def _decode_substitute(handle: PruneHandle, lm, call: _Call, seg: _Segment, hidden, kwargs) -> None:
+    """A decode step's keys for a segment's layers (`seg.mask2d`): the kept prompt columns, then
+    every later one. With contiguous positions also the RoPE of the step's tokens: their true
+    positions minus the prompt tokens this segment no longer holds (PyramidDrop shifts decode
+    positions the same way)."""
+    p = call.record.prompt_len
     prompt_part = call.mask2d[:, :p].gather(1, seg.tokens.index) & seg.tokens.valid
-    seg_mask2d = torch.cat([prompt_part, call.mask2d[:, p:]], dim=1)
-    out = {"attention_mask": _build_mask(handle, lm, seg.start, hidden, seg_mask2d, call.cache),
-           "position_ids": None}
+    seg.mask2d = torch.cat([prompt_part, call.mask2d[:, p:]], dim=1)
+    out = {"position_ids": None}
     if handle.schedule.positions == "contiguous":
         pos = kwargs.get("position_ids")
         if call.multi_axis or pos is None or pos.dim() != 2:
@@ -839,7 +885,7 @@ def _decode_substitute(handle: PruneHandle, lm, call: _Call, seg: _Segment, hidd
                                 f"ids to its layers; run pos=original@{handle.schedule.name}")
         dropped = call.mask2d[:, :p].sum(dim=1) - prompt_part.sum(dim=1)  # [B]
         out["position_embeddings"] = lm.rotary_emb(hidden, position_ids=pos - dropped[:, None])
-    return out
+    seg.substitute = out
 
 
 def _greedy_loss_grad(handle: PruneHandle, lm, hidden, k: int, kwargs):
@@ -856,10 +902,12 @@ def _greedy_loss_grad(handle: PruneHandle, lm, hidden, k: int, kwargs):
     try:
         with torch.enable_grad():
             h0 = hidden.detach().requires_grad_(True)
-            mask = _build_mask(handle, lm, k, h0, mask2d, None)
-            h = h0
-            for layer in lm.layers[k:]:
-                h = layer(h, attention_mask=mask, position_embeddings=pos)
+            masks, h = {}, h0
+            for i in range(k, len(lm.layers)):
+                builder = handle.layout.mask_builders[i]
+                if builder not in masks:
+                    masks[builder] = _build_mask(handle, lm, i, h0, mask2d, None)
+                h = lm.layers[i](h, attention_mask=masks[builder], position_embeddings=pos)
             logits = handle.adapter.lm_head(handle.model)(lm.norm(h[:, -1])).float()  # [B, V]
             loss = torch.nn.functional.cross_entropy(logits, logits.argmax(-1), reduction="sum")
             return torch.autograd.grad(loss, h0)[0]
@@ -881,8 +929,6 @@ def _decoder_hook(handle: PruneHandle, lm, args, kwargs, output):
         stats.image_tokens_per_layer = _per_layer(call.layer_counts, 1)
     cache = call.cache
     if cache is None:
-        if call.prefill:
-            handle._prefill = (None, call.ids.shape[1], call.segments)
         return None
     t0 = time.perf_counter()
     lengths = _cache_lengths(cache, num_layers)
@@ -893,7 +939,7 @@ def _decoder_hook(handle: PruneHandle, lm, args, kwargs, output):
         if lengths != expected:
             raise RuntimeError(f"after the pruned prefill the per-layer cache lengths are {lengths}, the "
                                f"schedule gives {expected} ({_versions()})")
-        handle._prefill = (weakref.ref(cache), call.ids.shape[1], call.segments)
+        handle._records[cache] = _Record(call.ids.shape[1], [seg.record() for seg in call.segments])
     stats.kv_cache_lengths = lengths
     stats.check_seconds += time.perf_counter() - t0
     return None
@@ -942,6 +988,16 @@ def apply(model, method: "str | Schedule" = "himap", *, sync_timing: bool = Fals
     name = _register_wrapper(base_impl)
     handle = PruneHandle(model, schedule, adapter, base_impl, sync_timing, replay, layout, quota, row_chunk_bytes)
     lm._himap_handle = handle
+    try:
+        _attach(handle, model, lm, adapter, schedule, name)
+    except BaseException:
+        _detach(model, lm, handle)  # never a half-applied model
+        raise
+    return handle
+
+
+def _attach(handle: PruneHandle, model, lm, adapter, schedule: Schedule, name: str) -> None:
+    """The hooks, the vision tower's hooks (VisionZip) and the registered attention function."""
     for layer in lm.layers:
         layer.self_attn._himap_handle = handle
     hooks = handle._hooks
@@ -958,20 +1014,17 @@ def apply(model, method: "str | Schedule" = "himap", *, sync_timing: bool = Fals
             lambda mod, args, kw, i=i: _layer_pre_hook(handle, lm, i, args, kw), with_kwargs=True))
     zipped = [st for st in schedule.stages if st.criterion == "visionzip"]
     if zipped:
-        try:
-            handle._vision, vision_hooks = vision.attach(handle, model, adapter, zipped[0])
-        except Exception:
-            _detach(model, lm, handle)
-            raise
+        handle._vision, vision_hooks = vision.attach(handle, model, adapter, zipped[0])
         hooks += vision_hooks
     model.set_attn_implementation({"text_config": name})
-    return handle
 
 
 def _record_multimodal_call(handle: PruneHandle, args, kwargs) -> None:
     """The multimodal model's call: its input_ids (the decoder gets only embeddings) and video inputs."""
     handle._input_ids = kwargs.get("input_ids", args[0] if args else None)
-    handle._mm_kwargs = {k: kwargs.get(k) for k in ("video_grid_thw", "pixel_values_videos")}
+    videos = kwargs.get("pixel_values_videos")  # only its shape is read: keep no pixels past the call
+    handle._mm_kwargs = {"video_grid_thw": kwargs.get("video_grid_thw"),
+                         "pixel_values_videos": videos.to("meta") if videos is not None else None}
 
 
 def _check_peer_layout(lm, schedule: Schedule) -> None:

@@ -25,11 +25,18 @@ CRITERIA = ("phi_sh", "phi_dp", "phi_dp_row", "phi_last", "random", "embed_norm"
 """Names of the ranking criteria (himap.prune.criteria; the peers' in himap.prune.peers). `gradient`
 needs autograd at layer K-1."""
 
+PEER_CRITERIA = ("pdrop", "dart", "divprune", "visionzip")
+"""The peer methods' selection rules (himap.prune.peers), each with its own keep budget."""
+
 PRE_LLM_CRITERIA = ("random", "embed_norm", "divprune", "visionzip")
 """Criteria a stage at K = 0 (before the first decoder layer) may use: none reads decoder attention."""
 
 PEER_OPTIONS = {"visionzip": {"dominant", "merge"}, "dart": {"pivot_image", "pivot_text"}}
 """Options each peer criterion takes (himap.prune.peers documents them); others take none."""
+
+PEER_DEFAULTS = {"dart": {"pivot_image": 4 / 576, "pivot_text": 4}}
+"""Option values a stage gets when it does not set them (DART's paper: 4 image and 4 text pivots of
+LLaVA-1.5's 576 image tokens), so `--criterion dart` on any schedule runs."""
 
 POSITIONS = ("original", "contiguous")
 """RoPE positions of the kept tokens: their original ones, or renumbered 0, 1, 2, ... in order."""
@@ -69,8 +76,9 @@ class Stage:
                              f"{sorted(PEER_OPTIONS.get(self.criterion, set())) or 'none'}")
 
     def option(self, name: str, default=None):
-        """The value of option `name` (or `default`)."""
-        return dict(self.options).get(name, default)
+        """The value of option `name`: the stage's own, else the criterion's default
+        (PEER_DEFAULTS), else `default`."""
+        return dict(self.options).get(name, PEER_DEFAULTS.get(self.criterion, {}).get(name, default))
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 import torch
 
 from himap.prune import peers
+from himap.prune.adapters import UnsupportedModelError
 from himap.prune.schedule import Stage, stage_kept
 
 
-class VisionLayoutError(TypeError):
+class VisionLayoutError(UnsupportedModelError):
     """The model's vision tower is not laid out as the adapter says."""
 
 
