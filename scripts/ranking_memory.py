@@ -1,5 +1,5 @@
 """Peak extra memory of the ranking rows (phi_dp over every visual row) on a long prompt, chunked
-(himap.prune.engine.reduced_attention) versus dense rows (attention_rows), measured on CPU as the
+(himap.prune.rows.reduced_attention) versus dense rows (attention_rows), measured on CPU as the
 growth of the process's resident-set high-water mark (ru_maxrss) over the inputs, each variant in
 a fresh process (large tensors are mmapped and returned to the system when freed, so the
 high-water mark is the allocator's real peak).
@@ -25,7 +25,7 @@ def measure(args, mode: str) -> dict:
     import torch
 
     from himap.prune import criteria
-    from himap.prune.engine import attention_rows, reduced_attention
+    from himap.prune.rows import attention_rows, reduced_attention
     from himap.prune.tokens import token_sets
 
     torch.set_num_threads(1)
@@ -48,7 +48,7 @@ def measure(args, mode: str) -> dict:
 
 
 def main() -> None:
-    from himap.prune.engine import ROW_CHUNK_BYTES, chunk_rows
+    from himap.prune.rows import ROW_CHUNK_BYTES, chunk_rows
 
     p = argparse.ArgumentParser()
     p.add_argument("--visual", type=int, default=4096)

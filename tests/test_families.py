@@ -286,7 +286,7 @@ def test_quota_name_is_checked(fam):
 
 def test_criteria_reductions_equal_dense_criteria():
     """Chunked reductions give the dense criteria's scores, whatever the chunk size."""
-    from himap.prune.engine import attention_rows, reduced_attention
+    from himap.prune.rows import attention_rows, reduced_attention
 
     g = torch.Generator().manual_seed(0)
     b, hq, hkv, t, d = 2, 4, 2, 40, 8

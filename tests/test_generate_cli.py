@@ -81,3 +81,20 @@ def test_overlay_titles_name_each_stage():
     assert out.size == (96 * 3 + 16, 96 + 24)
     with pytest.raises(ValueError, match="2 titles for 3 panels"):
         kept_overlay(image, 16, [list(range(8)), [0, 1]], size=96, titles=["a", "b"])
+
+
+def test_threads_flag_sets_torch_threads(model_dir, image_files, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["generate", "--model", model_dir, "--image", image_files[0], "--prompt", "x",
+                     "--max-new-tokens", "1", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        with pytest.raises(SystemExit) as exit_info:
+            main(["generate", "--model", model_dir, "--image", image_files[0], "--prompt", "x", "--threads", "0"])
+        assert exit_info.value.code == 2
+        assert "--threads" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

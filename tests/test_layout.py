@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "himap"
 
 LAYERS = {
-    "prune": 0,  # schedules, token sets, criteria, engine, adapters: nothing else of ours
+    "prune": 0,  # schedules, token sets, criteria, ranking rows, engine, adapters: nothing else of ours
     "builtin": 1,  # the shipped model's files, its offline processor, the synthetic benchmark, training
     "models": 2,  # loading models and processors, prompts, tiny test models
     "cost": 3,  # FLOPs, measured FLOPs, latency benchmark

@@ -247,7 +247,7 @@ def test_analyze_disrupt_reference_official(workspace, capsys):
 
 def test_bench_runs_methods_without_kv_cache():
     from himap.cost.bench import BenchConfig, run_benchmark
-    from himap.cost.flops import Arch, PromptShape, full_cost, uncached_cost
+    from himap.cost.flops import Arch, PromptShape, full_cost, get_arch, uncached_cost
 
     model = tiny_llava(seed=0)
     cfg = BenchConfig(methods=("vanilla", "himap"), reps=1, warmup=0, n_system=4, n_instruction=5, new_tokens=3,
@@ -261,6 +261,10 @@ def test_bench_runs_methods_without_kv_cache():
     # the official generation recomputes everything: step t runs vision + decoder on prompt + t tokens
     steps = [full_cost(arch, "himap", PromptShape(4, 5 + t, 1), dtype="fp32") for t in range(3)]
     assert uncached_cost(arch, "himap", shape, dtype="fp32").total == sum(c.total for c in steps)
+    llava = get_arch("llava-1.5-7b")  # VisionZip selects on the vision side again at every step
+    zipped = [full_cost(llava, "visionzip", PromptShape(4, 5 + t, 1)) for t in range(3)]
+    assert zipped[1].vision_ranking > 0
+    assert uncached_cost(llava, "visionzip", shape).total == sum(c.total for c in zipped)
     assert m["analytic"]["total_tflops"] * 1e12 == pytest.approx(sum(c.total for c in steps))
     assert summary["methods"]["himap"]["analytic"]["total_tflops"] * 1e12 == pytest.approx(
         full_cost(arch, "himap", shape, dtype="fp32").total)

@@ -273,11 +273,20 @@ def check_model_arguments(args) -> None:
 
     resolve_model_path(args.model)
     check_attn_implementation(args.attn, check_device(args.device))
+    set_threads(args)
+
+
+def set_threads(args) -> None:
+    """--threads: torch's CPU threads for this process (unset: torch's default)."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = "builtin",
                         device: str = "cpu") -> None:
-    """--model, --attn (alias --attn-implementation), --device, --dtype."""
+    """--model, --attn (alias --attn-implementation), --device, --dtype, --threads."""
     parser.add_argument("--model", default=default, required=default is None,
                         help="local model folder, hub id (owner/name), or 'builtin' (the shipped model)")
     parser.add_argument("--attn", "--attn-implementation", dest="attn", default="sdpa",
@@ -288,6 +297,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = "
     parser.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                         help="weights dtype (default: fp32 on CPU, " + ("bf16 on CUDA)" if device == "auto"
                                                                       else "the checkpoint's on GPU)"))
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's; 1 is often fastest on a small shared CPU)")
 
 
 PROMPT_FORMAT_HELP = ("prompt format: 'hf' the checkpoint's own chat template (no system prompt); 'llava-v1' "

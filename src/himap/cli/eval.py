@@ -67,7 +67,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from himap.cli.common import model_shape, overrides_from_args, resolve_methods
+    from himap.cli.common import model_shape, overrides_from_args, resolve_methods, set_threads
     from himap.evaluation.runner import (
         EvalConfig,
         LazyPredictor,
@@ -86,6 +86,7 @@ def main(args) -> int:
         resolve_model_path(args.model)
         device = pick_device(args.device, rank, world)
         check_attn_implementation(args.attn, device)
+        set_threads(args)
     arch = arch_of_model(args.model)
     schedules = resolve_methods(args.method, model_shape(arch) if arch is not None else None,
                                 overrides_from_args(args), default=task.DEFAULT_METHOD,

@@ -391,7 +391,7 @@ def ranking_flops(arch: Arch, schedule: Schedule, shape: PromptShape) -> int:
     rows against every key. Peer criteria count their own decoder-side work
     (`peer_selection_flops`). The `gradient` criterion's backward pass is not modelled (0)."""
     from himap.prune import criteria
-    from himap.prune.engine import ROW_CHUNK_BYTES, chunk_rows
+    from himap.prune.rows import ROW_CHUNK_BYTES, chunk_rows
 
     schedule = schedule.for_layers(arch.num_layers)
     tokens, images = layer_tokens(schedule, shape, arch)
@@ -582,8 +582,9 @@ def uncached_cost(arch: Arch, method: "str | Schedule", shape: PromptShape = Pro
     plus the t tokens generated so far, which join the instruction tokens (ranking included).
 
     The prefill fields and `vision` are step 0's (the same as full_cost's); the decode fields
-    hold steps 1 .. new_tokens-1, their linear layers, vision-tower runs and rankings counted in
-    `decode_linear`, their attention in `decode_attention`. No KV cache is kept (0 bytes)."""
+    hold steps 1 .. new_tokens-1: their linear layers, vision-tower runs, vision-side selections
+    (VisionZip) and rankings in `decode_linear`, their attention in `decode_attention`. No KV cache
+    is kept (0 bytes)."""
     import dataclasses
 
     schedule = get_schedule(method)
@@ -592,6 +593,6 @@ def uncached_cost(arch: Arch, method: "str | Schedule", shape: PromptShape = Pro
              for t in range(max(shape.new_tokens, 1))]
     first, later = steps[0], steps[1:]
     return dataclasses.replace(
-        first, decode_linear=sum(c.prefill_linear + c.vision + c.ranking for c in later),
+        first, decode_linear=sum(c.prefill_linear + c.vision + c.vision_ranking + c.ranking for c in later),
         decode_attention=sum(c.prefill_attention for c in later),
         lm_head_decode=sum(c.lm_head_prefill for c in later), kv_cache_bytes=0, kv_cache_bytes_final=0)
