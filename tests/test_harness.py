@@ -285,3 +285,8 @@ def test_shapes_export_writes_the_items_himap_eval_reads(tmp_path):
         [(it.id, it.prompt, it.answer, it.meta["split"]) for it in items]
     assert all(os.path.isfile(os.path.join(tmp_path, r["image"])) for r in rows)
     assert rows[0]["options"] == items[0].meta["options"] and rows[-1]["options"] == []
+
+
+def test_harness_takes_one_method():
+    with pytest.raises(ValueError, match="method='himap,fastv' names 2 methods; give one"):
+        HarnessModel(HarnessArgs(method="himap,fastv"), device="cpu")

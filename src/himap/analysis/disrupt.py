@@ -236,6 +236,7 @@ def disrupt_batch(model, inputs: dict, targets, accepted=None, config: DisruptCo
     import torch
 
     from himap.analysis.probe import decoder_layers
+    from himap.models.loading import eos_ids
     from himap.prune.tokens import token_sets
 
     config = config or DisruptConfig()
@@ -259,8 +260,7 @@ def disrupt_batch(model, inputs: dict, targets, accepted=None, config: DisruptCo
         raise ValueError(f"official_tokens must be >= 0, got {config.official_tokens}")
     if config.official_tokens and (labels is None or decode is None or len(labels) != n):
         raise ValueError("the official label consistency needs each sample's label text and a decode function")
-    eos = model.generation_config.eos_token_id
-    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    eos = eos_ids(model)
 
     def scored(logits, blocks_for):
         top = logits.float().topk(config.top_k, dim=-1).indices.tolist()

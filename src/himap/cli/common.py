@@ -260,9 +260,14 @@ def method_from_args(args: argparse.Namespace, config=None) -> Schedule:
         from himap.cost.flops import Arch
 
         shape = model_shape(Arch.from_config(config))
-    schedules = resolve_methods(args.method, shape, overrides_from_args(args), single_override=True)
+    return one_method(args.method, shape, overrides_from_args(args))
+
+
+def one_method(spec: str, shape=None, overrides: dict | None = None, what: str = "--method") -> Schedule:
+    """The single schedule `spec` names (with stage overrides); several raise, naming `what`."""
+    schedules = resolve_methods(spec, shape, overrides, single_override=True)
     if len(schedules) != 1:
-        raise ValueError(f"--method names {len(schedules)} methods; give one")
+        raise ValueError(f"{what} names {len(schedules)} methods; give one")
     return schedules[0]
 
 

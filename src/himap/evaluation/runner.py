@@ -436,16 +436,13 @@ def model_predictor(model, processor, schedule: Schedule, max_new_tokens: int, p
     re-ranking at every token, as the official code generates (himap.models.loading.generate_ids)."""
 
     import himap
-    from himap.models.loading import build_inputs, generate_ids
+    from himap.models.loading import answer_length, build_inputs, generate_ids, stop_ids
     from himap.prune.adapters import visual_token_ids
     from himap.prune.tokens import token_sets
 
     image_token_id = visual_token_ids(model)
     tokenizer = getattr(processor, "tokenizer", processor)
-    eos = model.generation_config.eos_token_id
-    stop = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
-    if tokenizer.pad_token_id is not None:
-        stop.add(tokenizer.pad_token_id)
+    stop = stop_ids(model, tokenizer)
 
     def predict(items: list) -> list[dict]:
         has_image = {it.image is not None for it in items}
@@ -461,8 +458,7 @@ def model_predictor(model, processor, schedule: Schedule, max_new_tokens: int, p
         sets = token_sets(inputs["input_ids"].cpu(), image_token_id, inputs["attention_mask"].cpu())
         results = []
         for b, text in enumerate(texts):
-            ids = new[b].tolist()
-            n_new = next((j + 1 for j, t in enumerate(ids) if t in stop), len(ids))  # up to the first stop
+            n_new = answer_length(new[b].tolist(), stop)
             results.append({"prediction": text,
                             "n_system": int(sets.system[b].sum()), "n_image": int(sets.image[b].sum()),
                             "n_instruction": int(sets.instruction[b].sum()), "new_tokens": n_new,

@@ -288,9 +288,9 @@ class HarnessModel:
         import torch
 
         import himap
-        from himap.cli.common import model_shape, resolve_methods
+        from himap.cli.common import model_shape, one_method
         from himap.evaluation.runner import model_arch
-        from himap.models.loading import check_prompt_format, load_model
+        from himap.models.loading import check_prompt_format, eos_ids, load_model, stop_ids
         from himap.prune.adapters import visual_token_ids
         from himap.prune.engine import QUOTAS
 
@@ -305,18 +305,12 @@ class HarnessModel:
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.arch = model_arch(self.model.config, name=args.pretrained)
         overrides = {"k": args.k, "ratio": args.ratio, "criterion": args.criterion}
-        schedules = resolve_methods(args.method, model_shape(self.arch) if self.arch is not None else None,
-                                    overrides, single_override=True)
-        if len(schedules) != 1:
-            raise ValueError(f"method={args.method!r} names {len(schedules)} methods; give one")
-        self.schedule = schedules[0]
+        self.schedule = one_method(args.method, model_shape(self.arch) if self.arch is not None else None,
+                                   overrides, what=f"method={args.method!r}")
         self.visual_token_ids = visual_token_ids(self.model)
         self.handle = himap.apply(self.model, self.schedule, quota=args.quota)  # vanilla too: its statistics are recorded
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
-        self.stop_ids = set(self.eos_ids)  # where a generated answer ends: end of sequence or padding
-        if self.tokenizer.pad_token_id is not None:
-            self.stop_ids.add(self.tokenizer.pad_token_id)
+        self.eos_ids = eos_ids(self.model)
+        self.stop_ids = stop_ids(self.model, self.tokenizer)  # where a generated answer ends
         self.records: list[dict] = []
         self._costs: dict = {}
 
@@ -370,7 +364,7 @@ class HarnessModel:
                             prompt_format=self.args.prompt_format)
 
     def _generate_batch(self, batch, setting) -> list[Answer]:
-        from himap.models.loading import generate_ids
+        from himap.models.loading import answer_length, generate_ids
 
         kwargs, until, max_new = setting
         inputs = self._inputs(batch, [r.context for _, r in batch])
@@ -380,9 +374,7 @@ class HarnessModel:
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         answers = []
         for b, text in enumerate(texts):
-            ids = new[b].tolist()
-            n_new = next((j + 1 for j, t in enumerate(ids) if t in self.stop_ids), len(ids))  # up to the first stop
-            answers.append(Answer(text=cut_at(text, until), output_tokens=n_new))
+            answers.append(Answer(text=cut_at(text, until), output_tokens=answer_length(new[b].tolist(), self.stop_ids)))
         return self._with_stats(answers, inputs)
 
     def _loglikelihood_batch(self, batch) -> list[Answer]:

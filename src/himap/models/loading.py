@@ -304,9 +304,12 @@ def build_inputs(processor, images, prompts: list[str], device="cpu", dtype=None
                              "video (or transformers needs torchvision to build its video processor)")
         batch = processor(images=flat or None, videos=clips, text=texts, return_tensors="pt", padding=True)
     out = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS and hasattr(v, "to")}
-    if dtype is not None:
-        out = {k: v.to(dtype) if k.startswith("pixel_values") else v for k, v in out.items()}
-    return out
+    return pixels_to(out, dtype) if dtype is not None else out
+
+
+def pixels_to(inputs: dict, dtype) -> dict:
+    """`inputs` with the pixel tensors (images, videos) cast to `dtype`."""
+    return {k: v.to(dtype) if k.startswith("pixel_values") else v for k, v in inputs.items()}
 
 
 def load_video_frames(path: str, num_frames: int = 8) -> list:
@@ -343,7 +346,26 @@ def _uniform(total: int, n: int) -> list[int]:
 
 def in_model_dtype(model, inputs: dict) -> dict:
     """`inputs` with the pixel tensors in the model's dtype (what its vision tower expects)."""
-    return {k: v.to(model.dtype) if k.startswith("pixel_values") else v for k, v in inputs.items()}
+    return pixels_to(inputs, model.dtype)
+
+
+def eos_ids(model) -> list[int]:
+    """The generation config's end-of-sequence ids (none, one or several) as a list."""
+    eos = model.generation_config.eos_token_id
+    return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """Ids where a generated answer ends: end of sequence, or the padding generate fills finished rows with."""
+    stop = set(eos_ids(model))
+    if tokenizer.pad_token_id is not None:
+        stop.add(tokenizer.pad_token_id)
+    return stop
+
+
+def answer_length(ids: list[int], stop: set[int]) -> int:
+    """Generated tokens up to and including the first stop id (all of them when none stops)."""
+    return next((j + 1 for j, t in enumerate(ids) if t in stop), len(ids))
 
 
 def generate_ids(model, inputs: dict, max_new_tokens: int = 16, recompute: bool = False, **generate_kwargs):
