@@ -56,20 +56,15 @@ def add_arguments(parser) -> None:
 def _load(args):
     import torch
 
+    from himap.cli.flops import load_arch
     from himap.cost.bench import disable_eos, random_model
-    from himap.cost.flops import Arch, get_arch
 
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
-    if args.arch:
-        if not args.random_weights:
-            raise ValueError("--arch builds a model from sizes only: add --random-weights")
-        arch = get_arch(args.arch)
+    if args.arch and not args.random_weights:
+        raise ValueError("--arch builds a model from sizes only: add --random-weights")
+    if args.random_weights:  # sizes from the preset, or from the model's config alone
+        arch = load_arch(args.arch, args.model)
         return random_model(arch, args.device, dtype, args.attn, args.seed), arch.name
-    if args.random_weights:
-        from himap.models.loading import model_config
-
-        arch = Arch.from_config(model_config(args.model), name=args.model)
-        return random_model(arch, args.device, dtype, args.attn, args.seed), args.model
     from himap.models.loading import load_model
 
     model, _ = load_model(args.model, args.attn, dtype, args.device)
@@ -79,15 +74,13 @@ def _load(args):
 
 
 def main(args) -> int:
-    import torch
-
+    from himap.cli.common import set_threads
     from himap.cli.flops import resolve_methods
     from himap.cost.bench import format_summary, plot, run_benchmark
     from himap.cost.flops import Arch
     from himap.models.loading import check_attn_implementation, check_device
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     config = BenchConfig(methods=tuple(args.methods.split(",")), reps=args.reps, warmup=args.warmup,
                          n_system=args.prompt_tokens[0], n_instruction=args.prompt_tokens[1],
                          new_tokens=args.new_tokens, batch_size=args.batch_size, seed=args.seed,

@@ -278,15 +278,15 @@ def check_model_arguments(args) -> None:
 
     resolve_model_path(args.model)
     check_attn_implementation(args.attn, check_device(args.device))
-    set_threads(args)
+    set_threads(getattr(args, "threads", None))
 
 
-def set_threads(args) -> None:
-    """--threads: torch's CPU threads for this process (unset: torch's default)."""
-    if getattr(args, "threads", None):
+def set_threads(threads: int | None) -> None:
+    """--threads (or a config's threads): torch's CPU threads for this process (None: torch's default)."""
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = "builtin",

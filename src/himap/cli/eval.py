@@ -86,7 +86,7 @@ def main(args) -> int:
         resolve_model_path(args.model)
         device = pick_device(args.device, rank, world)
         check_attn_implementation(args.attn, device)
-        set_threads(args)
+        set_threads(args.threads)
     arch = arch_of_model(args.model)
     schedules = resolve_methods(args.method, model_shape(arch) if arch is not None else None,
                                 overrides_from_args(args), default=task.DEFAULT_METHOD,

@@ -86,6 +86,7 @@ def dry_run(cfg, arch) -> dict:
 
 
 def main(args) -> int:
+    from himap.cli.common import set_threads
     from himap.evaluation.runner import LazyPredictor, arch_of_model, dist_env, pick_device
     from himap.evaluation.sweep import final_line, load_config, run_sweep
     from himap.models.loading import check_attn_implementation, resolve_model_path
@@ -113,10 +114,7 @@ def main(args) -> int:
         print(json.dumps({"plan": planned}))
         return 0
     resolve_model_path(cfg.model)  # a model that cannot load fails before any task runs
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     device = pick_device(cfg.device, rank, world)
     check_attn_implementation(cfg.attn_implementation, device)
     predictor = LazyPredictor(cfg.model, device, cfg.dtype, cfg.attn_implementation, cfg.max_new_tokens,

@@ -474,11 +474,9 @@ def model_predictor(model, processor, schedule: Schedule, max_new_tokens: int, p
 def arch_of_model(model: str):
     """Cost-model sizes from the model's config only (no weights), or None when unreadable."""
     try:
-        from transformers import AutoConfig
+        from himap.models.loading import model_config
 
-        from himap.models.loading import resolve_model_path
-
-        config = AutoConfig.from_pretrained(resolve_model_path(model))
+        config = model_config(model)
     except (OSError, ValueError, ImportError) as err:
         print(f"warning: could not read the config of {model!r} ({err}); FLOPs unavailable", file=sys.stderr)
         return None

@@ -615,15 +615,21 @@ def _check_decode(handle: PruneHandle, cache, mask2d, past: int, t: int, lengths
     if mask2d.shape[1] != past + t:
         raise ValueError(f"the attention mask covers {mask2d.shape[1]} positions; the cache holds {past} "
                          f"tokens and the step brings {t}")
-    generated = past - record.prompt_len
-    expected = [record.prompt_len + generated] * (record.segments[0].start if record.segments else len(lengths))
-    for seg in record.segments:
-        expected += [seg.tokens.index.shape[1] + generated] * (seg.end - seg.start)
+    expected = _expected_lengths(record.prompt_len, record.segments, len(lengths), past - record.prompt_len)
     if lengths != expected:
         raise RuntimeError(f"per-layer cache lengths {lengths} differ from the pruned prefill's "
                            f"{expected} ({_versions()})")
     return _Call(prefill=False, mask2d=mask2d, ids=None, cache=cache, record=record,
                  segments=[s.record() for s in record.segments])
+
+
+def _expected_lengths(prompt_len: int, segments: list, num_layers: int, generated: int = 0) -> list[int]:
+    """Per-layer cache lengths the schedule gives: the prompt in the layers before K1, each segment's
+    kept tokens in its layers, plus the tokens generated since the prefill everywhere."""
+    expected = [prompt_len + generated] * num_layers
+    for seg in segments:
+        expected[seg.start:seg.end] = [seg.tokens.index.shape[1] + generated] * (seg.end - seg.start)
+    return expected
 
 
 def _request_rows(handle: PruneHandle, call: _Call) -> None:
@@ -806,9 +812,7 @@ def _decoder_hook(handle: PruneHandle, lm, args, kwargs, output):
     t0 = time.perf_counter()
     lengths = _cache_lengths(cache, num_layers)
     if call.prefill:
-        expected = [call.ids.shape[1]] * num_layers
-        for seg in call.segments:
-            expected[seg.start:seg.end] = [seg.tokens.index.shape[1]] * (seg.end - seg.start)
+        expected = _expected_lengths(call.ids.shape[1], call.segments, num_layers)
         if lengths != expected:
             raise RuntimeError(f"after the pruned prefill the per-layer cache lengths are {lengths}, the "
                                f"schedule gives {expected} ({_versions()})")
